@@ -1,0 +1,293 @@
+"""Typed configuration: one frozen dataclass per `params.yaml` section, key for key.
+
+`params.yaml` owns every number. Its top level is the default profile (`tiny`); named profiles
+under `profiles:` overlay it, and `--set section.key=value` overlays that. The merged mapping is
+validated here: an unknown key, a wrong type or an impossible value fails with its dotted name.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value in params.yaml, a profile or an override."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    num_videos: int = 3000  # synthetic videos written by the generator
+    raw_size: int = 64  # the generator writes MP4 at this size; prepare resizes to `size`
+    size: int = 32  # training clip height and width
+    frames: int = 17  # frames per clip, 1 + 4k so the causal VAE's time axis divides
+    fps: int = 8
+    caption_fraction: float = 0.2  # share of clips whose ground-truth caption training may see
+    heldout_fraction: float = 0.15  # share of colour-shape-motion triples never trained on
+    val_fraction: float = 0.05  # share of seen clips kept for validation metrics
+    max_bad_fraction: float = 0.2  # prepare fails when more input files than this are broken
+    shard_size: int = 512  # clips per shard
+    workers: int = 2  # decoding processes
+
+    def validate(self) -> None:
+        _check((self.frames - 1) % 4 == 0, "data.frames", self.frames, "use 1 + 4k frames (5, 9, 17, 33)")
+        _check(self.size % 8 == 0, "data.size", self.size, "use a multiple of 8")
+        _check(self.raw_size >= self.size, "data.raw_size", self.raw_size, "must be >= data.size")
+        for name in ("caption_fraction", "heldout_fraction", "val_fraction", "max_bad_fraction"):
+            v = getattr(self, name)
+            _check(0.0 <= v < 1.0, f"data.{name}", v, "use a fraction in [0, 1)")
+        _check(self.num_videos >= 50, "data.num_videos", self.num_videos, "use at least 50")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    width: int = 64  # video-encoder channels and decoder width
+    layers: int = 2  # decoder layers
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 50
+    max_words: int = 24
+    min_attribute_accuracy: float = 0.8  # gate: captioner must parse back this share of attributes
+
+    def validate(self) -> None:
+        _check(self.steps > 0, "caption.steps", self.steps, "use a positive number of steps")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    base_channels: int = 32
+    latent_channels: int = 4
+    time_down: int = 4  # temporal compression (1, 2 or 4); causal: first frame stands alone
+    space_down: int = 4  # spatial compression (4 or 8)
+    kl_weight: float = 1e-6
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 50
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        _check(self.time_down in (1, 2, 4), "vae.time_down", self.time_down, "use 1, 2 or 4")
+        _check(self.space_down in (4, 8), "vae.space_down", self.space_down, "use 4 or 8")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    max_tokens: int = 32  # MiniLM tokens kept per caption (padding is masked)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    preset: str = "tiny"  # size preset from components.dit.DIT_PRESETS
+    patch_t: int = 1
+    patch_h: int = 2
+    patch_w: int = 2
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    grad_clip: float = 1.0
+    ema: float = 0.995
+    cond_dropout: float = 0.1  # caption dropout that teaches the unconditional branch for CFG
+
+    def validate(self) -> None:
+        _check(0.0 <= self.ema < 1.0, "dit.ema", self.ema, "use a decay in [0, 1)")
+        _check(0.0 <= self.cond_dropout < 1.0, "dit.cond_dropout", self.cond_dropout, "use [0, 1)")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    steps: int = 25
+    guidance: float = 6.0
+    sampler: str = "euler"  # euler | heun
+
+    def validate(self) -> None:
+        _check(self.sampler in ("euler", "heun"), "sample.sampler", self.sampler, "use euler or heun")
+        _check(self.steps > 0, "sample.steps", self.steps, "use a positive number of steps")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    judge_steps: int = 600  # attribute classifier that grades generated videos
+    judge_batch_size: int = 32
+    prompts_per_split: int = 24  # generated videos per split (seen / held-out combinations)
+    recon_clips: int = 128  # held-out clips for VAE PSNR/SSIM
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    vae_psnr_min: float = 22.0
+    caption_accuracy_min: float = 0.8
+    adherence_color_min: float = 0.6  # chance is 1/7
+    adherence_shape_min: float = 0.5  # chance is 1/3
+    adherence_motion_min: float = 0.4  # chance is 1/6
+    onnx_max_abs_diff: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"dit.lr": 0.002, ...}`: the flat, comparable form logged as MLflow params."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, profiles, overrides
+# ----------------------------------------------------------------------------------------------
+
+
+def _check(ok: bool, name: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: {fix}")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{name}={value!r} should be {tp.__name__}, got {type(value).__name__}")
+        return value
+    raise ConfigError(f"{name}: unsupported type {tp}")  # pragma: no cover - internal invariant
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'params'} should be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]}: known keys are {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        full = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, full)
+        else:
+            kwargs[name] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`"dit.lr=1e-3"` -> (["dit", "lr"], 0.001); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} should look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def overrides_to_dict(overrides: typing.Iterable[str]) -> dict:
+    out: dict = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return out
+
+
+def resolve(raw: dict, profile: str = "tiny", overrides: dict | None = None) -> Config:
+    """Merge the default profile, a named profile and overrides, then validate."""
+    raw = dict(raw)
+    profiles = raw.pop("profiles", {}) or {}
+    if profile != "tiny":
+        if profile not in profiles:
+            known = ", ".join(["tiny", *sorted(profiles)])
+            raise ConfigError(f"unknown profile {profile!r}: known profiles are {known}")
+        raw = deep_merge(raw, profiles[profile])
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    cfg = _build(Config, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def load(path: str | Path, profile: str = "tiny", overrides: dict | None = None) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run from the project folder or pass --params")
+    with open(path) as fh:
+        raw = yaml.safe_load(fh) or {}
+    return resolve(raw, profile, overrides)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (as stored beside checkpoints)."""
+    cfg = _build(Config, data, "")
+    cfg.validate()
+    return cfg
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# Silence an unused-import warning on Python versions where UnionType is needed by get_type_hints.
+_ = types
