@@ -188,6 +188,11 @@ def _check(ok: bool, name: str, value: Any, fix: str) -> None:
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-3` (no decimal point) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         if type(value) is not tp:
             raise ConfigError(f"{name}={value!r} should be {tp.__name__}, got {type(value).__name__}")

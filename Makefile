@@ -1,0 +1,40 @@
+# Quick start: `make run` (set up and run the whole pipeline), `make test` (set up and test).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+export DO_NOT_TRACK=1
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export DVC_NO_ANALYTICS=1
+export GX_ANALYTICS_ENABLED=false
+export BENTOML_DO_NOT_TRACK=true
+export MLFLOW_DISABLE_TELEMETRY=true
+
+.PHONY: setup run test test-fast mlflow-ui clean
+
+# torch is pinned (==2.13.0) in pyproject.toml: pip takes the CPU wheel on this machine's disk.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+	@test -d .git || git init -q
+	@test -f .dvc/config || $(VENV)/bin/dvc init -q
+
+run: setup
+	$(VENV)/bin/zoetrope run
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///.zoetrope/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf .zoetrope data models reports

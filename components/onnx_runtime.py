@@ -1,0 +1,340 @@
+"""Text-to-video with ONNX Runtime: the serving backend, free of torch.
+
+Reads the bundle that `components/export.py` writes (see docs/architecture.md, "models/onnx/")
+and samples exactly as the PyTorch pipeline does: the same numpy schedule and seeded noise
+(`components/schedule.py`), Euler or Heun from t = 1 to 0, classifier-free guidance with the
+empty prompt as the unconditional branch, conditional and unconditional batched into one DiT call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from components import schedule
+
+BUNDLE_FILES = ("text_encoder.onnx", "dit.onnx", "vae_decoder.onnx", "tokenizer.json", "bundle.json")
+SAMPLERS = ("euler", "heun")
+
+
+# ----------------------------------------------------------------------------------------------
+# Execution providers
+# ----------------------------------------------------------------------------------------------
+
+
+def _cuda_device_count() -> int:
+    """GPUs the CUDA driver sees (0 without a driver). Honours CUDA_VISIBLE_DEVICES."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    try:
+        if libcuda.cuInit(0) != 0:
+            return 0
+        count = ctypes.c_int(0)
+        if libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    except AttributeError:  # a stub library without the driver API
+        return 0
+
+
+def _nvidia_smi_sees_gpu() -> bool:
+    if not Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def has_gpu() -> bool:
+    """True only when a CUDA GPU really exists.
+
+    onnxruntime-gpu lists CUDAExecutionProvider whether or not there is a GPU, and logs errors
+    when asked for it without one, so its provider list is no evidence.
+    """
+    return _cuda_device_count() > 0 or _nvidia_smi_sees_gpu()
+
+
+def available_providers(prefer_gpu: bool = True) -> list[str]:
+    """ONNX Runtime providers to request, best first: CUDA only where a GPU exists, then CPU."""
+    providers = ["CPUExecutionProvider"]
+    if prefer_gpu and "CUDAExecutionProvider" in ort.get_available_providers() and has_gpu():
+        providers.insert(0, "CUDAExecutionProvider")
+    return providers
+
+
+def _preload_cuda_libraries() -> None:
+    # The CUDA and cuDNN pip wheels (onnxruntime-gpu[cuda,cudnn]) are not on the loader path;
+    # ORT finds them only once preloaded. Without them it uses the system's libraries.
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception:  # noqa: BLE001 - missing wheels are fine where the system has CUDA
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Bundle metadata
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask of this bundle: frames are 1 + k * time_down, at most max_frames."""
+
+    time_down: int
+    max_frames: int
+    default_frames: int
+
+    def check_frames(self, num_frames: Any) -> int:
+        if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)):
+            raise ValueError(f"num_frames={num_frames!r} is invalid: use an integer")
+        n = int(num_frames)
+        if n < 1 or (n - 1) % self.time_down != 0 or n > self.max_frames:
+            raise ValueError(
+                f"num_frames={n} is invalid: use 1 + k*{self.time_down} frames, "
+                f"at most {self.max_frames} (e.g. {self.allowed_frames()})"
+            )
+        return n
+
+    def allowed_frames(self) -> list[int]:
+        return list(range(1, self.max_frames + 1, self.time_down))
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """`bundle.json`, typed. Unknown keys are kept in `extra` (shown by /info), missing ones fail."""
+
+    latent_channels: int
+    latent_mean: tuple[float, ...]
+    latent_std: tuple[float, ...]
+    time_down: int
+    space_down: int
+    frames: int
+    size: int
+    fps: int
+    max_tokens: int
+    steps: int
+    guidance: float
+    sampler: str
+    shift: float | None  # fixed timestep shift; None: schedule.token_shift(latent tokens)
+    patch: tuple[int, int, int]  # DiT patch (t, h, w): latent tokens = t*h*w / prod(patch)
+    max_frames: int
+    raw: dict
+
+    @classmethod
+    def load(cls, path: Path) -> BundleInfo:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read bundle metadata ({exc})") from None
+
+        def need(key: str, where: dict = raw, prefix: str = "") -> Any:
+            if key not in where:
+                raise ValueError(f"{path}: missing key {prefix}{key}: re-export the bundle")
+            return where[key]
+
+        sample = raw.get("sample", {})
+        shift = raw.get("shift")
+        if isinstance(shift, dict):  # {"value": s} or {"rule": "token_shift"}
+            shift = shift.get("value")
+        patch = raw.get("patch", (1, 1, 1))
+        info = cls(
+            latent_channels=int(need("latent_channels")),
+            latent_mean=tuple(float(v) for v in need("latent_mean")),
+            latent_std=tuple(float(v) for v in need("latent_std")),
+            time_down=int(need("time_down")),
+            space_down=int(need("space_down")),
+            frames=int(need("frames")),
+            size=int(need("size")),
+            fps=int(need("fps")),
+            max_tokens=int(need("max_tokens")),
+            steps=int(need("steps", sample, "sample.")),
+            guidance=float(need("guidance", sample, "sample.")),
+            sampler=str(need("sampler", sample, "sample.")),
+            shift=None if shift is None else float(shift),
+            patch=tuple(int(p) for p in patch),  # type: ignore[arg-type]
+            max_frames=int(raw.get("max_frames", raw["frames"])),
+            raw=raw,
+        )
+        c = info.latent_channels
+        if len(info.latent_mean) != c or len(info.latent_std) != c:
+            raise ValueError(f"{path}: latent_mean/latent_std should have {c} values (latent_channels)")
+        return info
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(time_down=self.time_down, max_frames=self.max_frames, default_frames=self.frames)
+
+    def latent_shape(self, num_frames: int) -> tuple[int, int, int, int]:
+        """(c, t, h, w) for a video of `num_frames` frames; the causal VAE keeps frame 0 alone."""
+        side = self.size // self.space_down
+        return (self.latent_channels, 1 + (num_frames - 1) // self.time_down, side, side)
+
+    def shift_for(self, num_frames: int) -> float:
+        if self.shift is not None:
+            return self.shift
+        _, t, h, w = self.latent_shape(num_frames)
+        pt, ph, pw = self.patch
+        return schedule.token_shift((t // pt) * (h // ph) * (w // pw))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline
+# ----------------------------------------------------------------------------------------------
+
+
+class OnnxT2V:
+    """The exported text-to-video pipeline: prompt -> uint8 video (T, H, W, 3)."""
+
+    def __init__(self, bundle_dir: str | Path, providers: Sequence[str] | None = None):
+        self.bundle_dir = Path(bundle_dir)
+        missing = [f for f in BUNDLE_FILES if not (self.bundle_dir / f).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.bundle_dir}: not an ONNX bundle, missing {', '.join(missing)} "
+                "(run the export stage, or point ZOETROPE_BUNDLE at models/onnx)"
+            )
+        self.info = BundleInfo.load(self.bundle_dir / "bundle.json")
+        providers = list(providers) if providers is not None else available_providers()
+        if "CUDAExecutionProvider" in providers:
+            _preload_cuda_libraries()
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: ORT warns about every unused initialiser
+
+        def session(name: str) -> ort.InferenceSession:
+            return ort.InferenceSession(str(self.bundle_dir / name), sess_options=opts, providers=providers)
+
+        self._text = session("text_encoder.onnx")
+        self._dit = session("dit.onnx")
+        self._decoder = session("vae_decoder.onnx")
+        self._tokenizer = Tokenizer.from_file(str(self.bundle_dir / "tokenizer.json"))
+        # Pad and truncate to max_tokens here too, whatever tokenizer.json says: the DiT was
+        # trained on exactly this many context tokens, padding masked out.
+        pad_id = self._tokenizer.token_to_id("[PAD]")
+        self._tokenizer.enable_padding(length=self.info.max_tokens, pad_id=0 if pad_id is None else pad_id)
+        self._tokenizer.enable_truncation(self.info.max_tokens)
+        self._mean = np.asarray(self.info.latent_mean, np.float32).reshape(1, -1, 1, 1, 1)
+        self._std = np.asarray(self.info.latent_std, np.float32).reshape(1, -1, 1, 1, 1)
+
+    @property
+    def provider(self) -> str:
+        """The provider the DiT really runs on (ORT falls back to CPU if CUDA fails to load)."""
+        return self._dit.get_providers()[0]
+
+    @property
+    def limits(self) -> Limits:
+        return self.info.limits
+
+    # ---- pieces ---------------------------------------------------------------------------
+
+    def encode_text(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts -> tokens float32 (B, L, 384) and mask bool (B, L)."""
+        encodings = self._tokenizer.encode_batch(list(prompts))
+        ids = np.asarray([e.ids for e in encodings], np.int64)  # (B, L)
+        mask = np.asarray([e.attention_mask for e in encodings], np.int64)  # (B, L)
+        (tokens,) = self._text.run(["tokens"], {"input_ids": ids, "attention_mask": mask})
+        return tokens.astype(np.float32, copy=False), mask.astype(bool)
+
+    def _velocity(self, x: np.ndarray, t: np.float32, ctx: np.ndarray, mask: np.ndarray,
+                  guidance: float) -> np.ndarray:
+        """Guided v for x (B, c, t, h, w); ctx/mask hold B conditional then B unconditional rows."""
+        b = x.shape[0]
+        x2 = np.concatenate([x, x])  # (2B, c, t, h, w)
+        t2 = np.full((2 * b,), t, np.float32)
+        (v,) = self._dit.run(["v"], {"x": x2, "t": t2, "ctx": ctx, "ctx_mask": mask})
+        v_cond, v_uncond = v[:b], v[b:]
+        return v_uncond + np.float32(guidance) * (v_cond - v_uncond)
+
+    def decode(self, z_norm: np.ndarray) -> np.ndarray:
+        """Normalised latents (B, c, t, h, w) -> uint8 videos (B, T, H, W, 3)."""
+        z = (z_norm * self._std + self._mean).astype(np.float32)
+        (video,) = self._decoder.run(["video"], {"z": z})  # (B, 3, T, H, W) in [-1, 1]
+        frames = np.clip((video + 1.0) * 127.5, 0, 255).astype(np.uint8)
+        return frames.transpose(0, 2, 3, 4, 1)  # (B, T, H, W, 3)
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def _resolve(self, steps: Any, guidance: Any, num_frames: Any, sampler: Any) -> tuple[int, float, int, str]:
+        steps = self.info.steps if steps is None else steps
+        guidance = self.info.guidance if guidance is None else guidance
+        num_frames = self.info.frames if num_frames is None else num_frames
+        sampler = self.info.sampler if sampler is None else sampler
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps={steps!r} is invalid: use a positive integer")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating)) \
+                or not np.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"guidance={guidance!r} is invalid: use a number >= 0")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r} is invalid: use one of {', '.join(SAMPLERS)}")
+        return int(steps), float(guidance), self.limits.check_frames(num_frames), sampler
+
+    def generate_batch(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
+                       guidance: float | None = None, num_frames: int | None = None,
+                       sampler: str | None = None) -> np.ndarray:
+        """One video per (prompt, seed): uint8 (B, T, H, W, 3).
+
+        Video i is `generate(prompts[i], seeds[i])` up to float rounding of the larger batch.
+        """
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts should be a list of strings")
+        if len(prompts) == 0 or len(prompts) != len(seeds):
+            raise ValueError(f"prompts and seeds should have the same non-zero length, "
+                             f"got {len(prompts)} and {len(seeds)}")
+        for seed in seeds:
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+                raise ValueError(f"seed={seed!r} is invalid: use an integer >= 0")
+        steps, guidance, num_frames, sampler = self._resolve(steps, guidance, num_frames, sampler)
+
+        b = len(prompts)
+        shape = self.info.latent_shape(num_frames)
+        # Each video's noise is drawn alone so a batch reproduces the single-prompt videos.
+        x = np.concatenate([schedule.initial_noise(int(s), (1, *shape)) for s in seeds])  # (B, c, t, h, w)
+        tokens, mask = self.encode_text([*prompts, ""])
+        ctx = np.concatenate([tokens[:b], np.repeat(tokens[b:], b, axis=0)])  # (2B, L, 384)
+        ctx_mask = np.concatenate([mask[:b], np.repeat(mask[b:], b, axis=0)])  # (2B, L)
+
+        ts = schedule.timesteps(steps, self.info.shift_for(num_frames))
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            dt = t_next - t  # negative: from noise towards data
+            v = self._velocity(x, t, ctx, ctx_mask, guidance)
+            if sampler == "heun" and t_next > 0:
+                x_euler = x + dt * v
+                v_next = self._velocity(x_euler, t_next, ctx, ctx_mask, guidance)
+                x = x + dt * 0.5 * (v + v_next)
+            else:
+                x = x + dt * v
+        return self.decode(x.astype(np.float32, copy=False))
+
+    def generate(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                 num_frames: int | None = None, sampler: str | None = None) -> np.ndarray:
+        """uint8 video (T, H, W, 3) for one prompt."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt={prompt!r} is invalid: use a string")
+        return self.generate_batch([prompt], [seed], steps, guidance, num_frames, sampler)[0]
+
+    def describe(self) -> dict:
+        """Provider and bundle metadata, as the service's /info reports them."""
+        return {
+            "provider": self.provider,
+            "bundle": self.info.raw,
+            "limits": {"time_down": self.limits.time_down, "max_frames": self.limits.max_frames,
+                       "allowed_frames": self.limits.allowed_frames(),
+                       "default_frames": self.limits.default_frames},
+        }
+

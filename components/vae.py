@@ -1,0 +1,380 @@
+"""Causal video VAE: video `(B, 3, T, H, W)` in [-1, 1] <-> latents `(B, c, t, h, w)`.
+
+Causal in time (MAGVIT-v2, Yu et al. 2023; Open-Sora Plan's CausalVAE): every convolution pads only
+the past, and each 2x time step maps frame 0 alone and then pairs of frames, so T = 1 + k * time_down
+frames give t = 1 + k latent frames and the first frame is encoded as an image. Convolutions are
+factorised into a 3x3 spatial and a 3-tap causal temporal kernel (R(2+1)D, Tran et al. 2018), and
+the first and last 2x of space is a pixel (un)shuffle (as Cosmos Tokenizer's patchify), because on
+a CPU full-resolution 3D convolutions cost most of the budget and buy little.
+
+KL-regularised (Kingma & Welling 2014) with a small weight and an L1 reconstruction loss. The
+per-channel mean and std of the posterior means over the training clips are measured after
+training and stored in the checkpoint: the DiT sees `(mu - mean) / std`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.checkpoint import load_model, save_model
+from components.config import Config, VAEConfig
+from components.metrics import psnr, ssim
+from components.trainer import LogFn, TrainSpec, fit
+
+STATS_CLIPS = 1024  # training clips whose posterior means give the latent mean / std
+EVAL_BATCH = 32
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def to_unit(video: torch.Tensor) -> torch.Tensor:
+    """uint8 video in [0, 255] -> float in [-1, 1]."""
+    return video.float() / 127.5 - 1.0
+
+
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    return ((video.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def space_to_depth(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C*r*r, T, H/r, W/r)."""
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T, H // r, r, W // r, r).permute(0, 1, 4, 6, 2, 3, 5)
+    return x.reshape(B, C * r * r, T, H // r, W // r)
+
+
+def depth_to_space(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, C*r*r, T, h, w) -> (B, C, T, h*r, w*r); the inverse of `space_to_depth`."""
+    B, Crr, T, h, w = x.shape
+    x = x.reshape(B, Crr // (r * r), r, r, T, h, w).permute(0, 1, 4, 5, 2, 6, 3)
+    return x.reshape(B, Crr // (r * r), T, h * r, w * r)
+
+
+class ChannelNorm(nn.Module):
+    """RMS norm over channels at each (t, h, w): unlike GroupNorm it never mixes frames (causal)."""
+
+    def __init__(self, ch: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ch, 1, 1, 1))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * self.weight
+
+
+class CausalConv(nn.Module):
+    """Conv3d with kernel (kt, k, k) that pads kt - 1 past frames with zeros and none in the future."""
+
+    def __init__(self, cin: int, cout: int, kt: int = 1, k: int = 3, stride_t: int = 1,
+                 stride_s: int = 1):
+        super().__init__()
+        self.pad_t = kt - 1
+        self.conv = nn.Conv3d(cin, cout, (kt, k, k), stride=(stride_t, stride_s, stride_s),
+                              padding=(0, k // 2, k // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_t:
+            x = F.pad(x, (0, 0, 0, 0, self.pad_t, 0))
+        return self.conv(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------
+
+
+class ResBlock(nn.Module):
+    """Two (2+1)D causal convolutions with a residual connection."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm1, self.norm2 = ChannelNorm(ch), ChannelNorm(ch)
+        self.s1, self.t1 = CausalConv(ch, ch, kt=1, k=3), CausalConv(ch, ch, kt=3, k=1)
+        self.s2, self.t2 = CausalConv(ch, ch, kt=1, k=3), CausalConv(ch, ch, kt=3, k=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.t1(self.s1(F.silu(self.norm1(x))))
+        h = self.t2(self.s2(F.silu(self.norm2(h))))
+        return x + h
+
+
+class TimeDown(nn.Module):
+    """t -> 1 + (t - 1) / 2: output frame 0 sees input frame 0 only, frame j sees 2j-2..2j."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = CausalConv(ch, ch, kt=3, k=1, stride_t=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class TimeUp(nn.Module):
+    """t -> 2t - 1: each frame becomes two (depth-to-time), and frame 0's first copy is dropped."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = CausalConv(ch, 2 * ch, kt=3, k=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, t, h, w = x.shape
+        y = self.conv(x).reshape(B, 2, C, t, h, w).permute(0, 2, 3, 1, 4, 5)  # (B, C, t, 2, h, w)
+        return y.reshape(B, C, 2 * t, h, w)[:, :, 1:]
+
+
+class SpaceDown(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = CausalConv(cin, cout, kt=1, k=3, stride_s=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class SpaceUp(nn.Module):
+    """Sub-pixel convolution (Shi et al. 2016): conv to 4x channels, then depth-to-space."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = CausalConv(cin, 4 * cout, kt=1, k=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depth_to_space(self.conv(x), 2)
+
+
+def _levels(cfg: VAEConfig) -> tuple[int, int, list[int]]:
+    """(space steps after the pixel unshuffle, time steps, channels at each level)."""
+    n_space = int(math.log2(cfg.space_down)) - 1
+    n_time = int(math.log2(cfg.time_down))
+    chs = [cfg.base_channels]
+    for i in range(max(n_space, n_time)):
+        chs.append(chs[-1] * 2 if i < n_space else chs[-1])
+    return n_space, n_time, chs
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        n_space, n_time, chs = _levels(cfg)
+        self.conv_in = CausalConv(3 * 4, chs[0], kt=1, k=3)
+        layers: list[nn.Module] = []
+        for i in range(len(chs) - 1):
+            layers.append(ResBlock(chs[i]))
+            if i < n_time:
+                layers.append(TimeDown(chs[i]))
+            if i < n_space:
+                layers.append(SpaceDown(chs[i], chs[i + 1]))
+        layers.append(ResBlock(chs[-1]))
+        self.layers = nn.Sequential(*layers)
+        self.norm_out = ChannelNorm(chs[-1])
+        self.conv_out = CausalConv(chs[-1], 2 * cfg.latent_channels, kt=1, k=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(space_to_depth(x, 2))  # (B, C0, T, H/2, W/2)
+        h = self.layers(h)  # (B, C, t, h, w)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2c, t, h, w)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        n_space, n_time, chs = _levels(cfg)
+        self.conv_in = CausalConv(cfg.latent_channels, chs[-1], kt=1, k=3)
+        layers: list[nn.Module] = [ResBlock(chs[-1])]
+        for i in reversed(range(len(chs) - 1)):
+            if i < n_space:
+                layers.append(SpaceUp(chs[i + 1], chs[i]))
+            if i < n_time:
+                layers.append(TimeUp(chs[i]))
+            layers.append(ResBlock(chs[i]))
+        self.layers = nn.Sequential(*layers)
+        self.norm_out = ChannelNorm(chs[0])
+        self.conv_out = CausalConv(chs[0], 3 * 4, kt=1, k=3)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.layers(self.conv_in(z))  # (B, C0, T, H/2, W/2)
+        return depth_to_space(self.conv_out(F.silu(self.norm_out(h))), 2)  # (B, 3, T, H, W)
+
+
+class VideoVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        # Measured after training (`measure_latent_stats`); identity until then.
+        self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
+        self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(c, t, h, w) for a video of `frames` x `height` x `width`."""
+        self.check_video_shape(frames, height, width)
+        return (self.cfg.latent_channels, (frames - 1) // self.cfg.time_down + 1,
+                height // self.cfg.space_down, width // self.cfg.space_down)
+
+    def check_video_shape(self, frames: int, height: int, width: int) -> None:
+        td, sd = self.cfg.time_down, self.cfg.space_down
+        if (frames - 1) % td:
+            raise ValueError(f"frames={frames} is invalid for the causal VAE: use 1 + {td}k frames")
+        if height % sd or width % sd:
+            raise ValueError(f"size {height}x{width} is invalid: use multiples of {sd}")
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Video (B, 3, T, H, W) in [-1, 1] -> posterior mean and log-variance (B, c, t, h, w)."""
+        self.check_video_shape(*x.shape[2:])
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, c, t, h, w), not normalised -> video (B, 3, T, H, W) in [-1, 1]."""
+        return self.decoder(z).clamp(-1.0, 1.0)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.latent_mean.view(1, -1, 1, 1, 1)) / self.latent_std.view(1, -1, 1, 1, 1)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """Reconstruction (unclamped, for the loss), posterior mean and log-variance."""
+        mu, logvar = self.encode(x)
+        eps = torch.randn(mu.shape, generator=generator).to(mu.device)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        return self.decoder(z), mu, logvar
+
+
+def vae_loss(model: VideoVAE, x: torch.Tensor, kl_weight: float,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    recon, mu, logvar = model(x, generator)
+    l1 = (recon - x).abs().mean()
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    return l1 + kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring, evaluating, loading
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def measure_latent_stats(model: VideoVAE, video: torch.Tensor, device: torch.device | str,
+                         batch_size: int = EVAL_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the posterior means of uint8 clips (N, 3, T, H, W)."""
+    s = s2 = None
+    n = 0
+    for i in range(0, len(video), batch_size):
+        mu, _ = model.encode(to_unit(video[i:i + batch_size]).to(device))
+        mu = mu.double().transpose(0, 1).flatten(1)  # (c, B*t*h*w)
+        s = mu.sum(1) if s is None else s + mu.sum(1)
+        s2 = mu.pow(2).sum(1) if s2 is None else s2 + mu.pow(2).sum(1)
+        n += mu.shape[1]
+    mean = s / n
+    std = (s2 / n - mean.pow(2)).clamp_min(1e-8).sqrt()
+    return mean.float().cpu(), std.float().cpu()
+
+
+@torch.no_grad()
+def reconstruct(model: VideoVAE, video: torch.Tensor, device: torch.device | str,
+                batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """uint8 (N, 3, T, H, W) -> reconstruction in [-1, 1] from the posterior means (on CPU)."""
+    out = []
+    for i in range(0, len(video), batch_size):
+        mu, _ = model.encode(to_unit(video[i:i + batch_size]).to(device))
+        out.append(model.decode(mu).cpu())
+    return torch.cat(out)
+
+
+def recon_metrics(model: VideoVAE, video: torch.Tensor, device: torch.device | str) -> dict[str, float]:
+    """PSNR and SSIM (on [-1, 1]) of uint8 clips against their reconstructions."""
+    recon = reconstruct(model, video, device)
+    ref = to_unit(video)
+    return {"psnr": psnr(recon, ref), "ssim": ssim(recon, ref)}
+
+
+def load_vae(path: str | Path, device: torch.device | str) -> VideoVAE:
+    obj = load_model(path, "vae")
+    model = VideoVAE(VAEConfig(**obj["config"]))
+    model.load_state_dict(obj["state_dict"])
+    model.latent_mean.copy_(torch.as_tensor(obj["latent_mean"]))
+    model.latent_std.copy_(torch.as_tensor(obj["latent_std"]))
+    model.data = obj.get("data", {})  # frames, size, fps of the clips it was trained on
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage
+# ----------------------------------------------------------------------------------------------
+
+
+def _split_video(clips, split: str) -> torch.Tensor:
+    idx = [i for i, r in enumerate(clips.rows) if r["split"] == split]
+    return clips.video[idx]
+
+
+def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | None = None,
+                  ckpt_dir: Path | None = None, device: torch.device | str = "cpu") -> dict:
+    """Train the VAE on the train clips, measure latent stats, write `model_dir/vae.pt`."""
+    from components.clips import load_clips  # the prepare stage's reader
+
+    t0 = time.time()
+    clips = load_clips(Path(clips_dir))
+    train = _split_video(clips, "train")
+    val = _split_video(clips, "val")
+    if len(train) == 0:
+        raise ValueError(f"{clips_dir} holds no train clips: rerun prepare with more videos")
+    vcfg = cfg.vae
+    torch.manual_seed(cfg.seed)
+    model = VideoVAE(vcfg).to(device)
+
+    def batch_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Generator]:
+        idx = torch.randint(len(train), (vcfg.batch_size,), generator=gen)
+        return to_unit(train[idx]).to(device), gen
+
+    def loss_fn(m: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        x, gen = batch
+        return vae_loss(m, x, vcfg.kl_weight, gen)
+
+    spec = TrainSpec(steps=vcfg.steps, lr=vcfg.lr, warmup=vcfg.warmup, grad_clip=vcfg.grad_clip,
+                     seed=cfg.seed)
+    res = fit(model, loss_fn, batch_fn, spec, ckpt_dir=ckpt_dir, log=log, desc="vae",
+              fingerprint_extra={"vae": dataclasses.asdict(vcfg), "n_train": len(train)},
+              samples_per_batch=vcfg.batch_size)
+    train_seconds = res.seconds
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    stats_idx = torch.randperm(len(train), generator=g)[:STATS_CLIPS]
+    mean, std = measure_latent_stats(model, train[stats_idx], device)
+    model.latent_mean.copy_(mean)
+    model.latent_std.copy_(std)
+    evaluated = val if len(val) else train[stats_idx[:EVAL_BATCH * 4]]
+    metrics = recon_metrics(model, evaluated, device)
+
+    data = {"frames": cfg.data.frames, "size": cfg.data.size, "fps": cfg.data.fps}
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    save_model(Path(model_dir) / "vae.pt", "vae", dataclasses.asdict(vcfg), state,
+               latent_mean=mean.tolist(), latent_std=std.tolist(), data=data)
+    return {
+        "val_psnr": metrics["psnr"],
+        "val_ssim": metrics["ssim"],
+        "val_clips": len(evaluated),
+        "final_loss": res.final_loss,
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": train_seconds,
+        "seconds": time.time() - t0,
+        "latent_mean": mean.tolist(),
+        "latent_std": std.tolist(),
+    }

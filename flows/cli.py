@@ -1,0 +1,223 @@
+"""The `zoetrope` command line.
+
+  zoetrope run [--profile NAME] [--set section.key=value ...]   the pipeline flow, in-process
+  zoetrope generate "PROMPT" --out FILE.mp4 [--seed N]         from the champion, via ONNX
+  zoetrope serve [--port N]                                    the Bento service on localhost
+  zoetrope stage NAME                                          one DVC stage (dvc.yaml's cmd)
+  zoetrope resolve [--profile NAME] [--set ...]                write the params DVC reads
+
+Heavy libraries are imported inside commands so `--help` and argument errors are instant, and
+so the environment (telemetry off, per-project Prefect home) is set before Prefect loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"zoetrope: error: {message}", file=sys.stderr)
+    return code
+
+
+def _project():
+    from flows.project import Project, quiet_environment
+
+    project = Project.find()
+    quiet_environment(project)
+    return project
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def cmd_run(args) -> int:
+    from components.config import ConfigError
+
+    project = _project()
+    try:  # validate before starting Prefect, so a typo fails in a second with its name
+        project.resolve_params(args.profile, args.set)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    from flows.pipeline import pipeline
+
+    t0 = __import__("time").time()
+    try:
+        summary = pipeline(profile=args.profile, overrides=args.set, project_dir=str(project.root))
+    except Exception as exc:  # noqa: BLE001 - the flow already logged the traceback
+        return _fail(f"pipeline failed: {exc}", 1)
+    _print_summary(summary, __import__("time").time() - t0)
+    return 0
+
+
+def _print_summary(s: dict, seconds: float) -> None:
+    print("\n=== Zoetrope pipeline summary ===")
+    ran = [r["stage"] for r in s["stages"] if r["ran"]]
+    print(f"stages run: {', '.join(ran) or 'none (all up to date)'}; wall time {seconds:.0f} s")
+    print("gates:")
+    for g in s["gates"]:
+        mark = "PASS" if g["passed"] else "FAIL"
+        print(f"  [{mark}] {g['name']:<24} {g['value']:.4g} {g['op']} {g['threshold']:.4g}")
+    print(f"MLflow run id: {s['mlflow_run_id']}  (tracking: {s['tracking_uri']})")
+    version = s.get("registered_version")
+    if s["champion"]:
+        print(f"registered model: zoetrope-t2v version {version} -> alias 'champion'")
+    else:
+        print(f"registered model: zoetrope-t2v version {version} -> NOT promoted")
+        for reason in s.get("failed_gates", []):
+            print(f"  failed gate {reason}")
+    print(f"sample videos: {s['samples']}")
+
+
+def cmd_resolve(args) -> int:
+    from components.config import ConfigError
+
+    project = _project()
+    try:
+        cfg = project.resolve_params(args.profile, args.set)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    print(json.dumps(cfg.flat(), indent=1))
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from flows.stages import STAGES, main
+
+    if args.name not in STAGES:
+        return _fail(f"unknown stage {args.name!r}: stages are {', '.join(STAGES)}")
+    _project()
+    return main(args.name)
+
+
+def _bundle(args):
+    from flows import tracking
+
+    project = _project()
+    try:
+        return tracking.download_bundle(project, args.version)
+    except LookupError as exc:
+        raise SystemExit(_fail(str(exc)))
+
+
+def cmd_generate(args) -> int:
+    if not args.out.lower().endswith((".mp4", ".gif")):
+        return _fail(f"--out {args.out!r}: use a file name ending in .mp4 or .gif")
+    bundle_dir, version = _bundle(args)
+    from components.onnx_runtime import OnnxT2V
+    from components.video_io import write_video
+
+    runtime = OnnxT2V(bundle_dir)
+    try:
+        frames = runtime.generate(args.prompt, seed=args.seed, steps=args.steps,
+                                  guidance=args.guidance, num_frames=args.num_frames)
+    except ValueError as exc:
+        return _fail(str(exc))
+    write_video(args.out, frames, runtime.fps)
+    t, h, w, _ = frames.shape
+    print(f"wrote {args.out}: {t} frames {w}x{h} from zoetrope-t2v version {version} "
+          f"({runtime.provider})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    bundle_dir, version = _bundle(args)
+    env = dict(os.environ, ZOETROPE_BUNDLE=str(bundle_dir))
+    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:TextToVideo",
+           "--host", args.host, "--port", str(args.port)]
+    print(f"serving zoetrope-t2v version {version} on http://{args.host}:{args.port} "
+          f"(POST /generate, docs at /docs)", flush=True)
+    import subprocess
+
+    from flows.project import Project
+
+    return subprocess.call(cmd, env=env, cwd=str(Project.find().root))
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="zoetrope", description="Text-to-video MLOps: Prefect, DVC, MLflow, ONNX, BentoML.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def profile_args(sp):
+        sp.add_argument("--profile", default="tiny", help="profile from params.yaml (default: tiny)")
+        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one params.yaml value (repeatable)")
+
+    sp = sub.add_parser("run", help="run the whole pipeline (stages up to date are skipped)")
+    profile_args(sp)
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("resolve", help="write .zoetrope/params.yaml for a profile and overrides")
+    profile_args(sp)
+    sp.set_defaults(fn=cmd_resolve)
+
+    sp = sub.add_parser("stage", help="run one DVC stage (used by dvc.yaml)")
+    sp.add_argument("name")
+    sp.set_defaults(fn=cmd_stage)
+
+    def positive(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+        return value
+
+    def seed(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not 0 <= value < 2**31:
+            raise argparse.ArgumentTypeError(f"{value} must be in [0, 2**31)")
+        return value
+
+    sp = sub.add_parser("generate", help="generate a video from the champion model (ONNX Runtime)")
+    sp.add_argument("prompt")
+    sp.add_argument("--out", required=True, help="output file (.mp4 or .gif)")
+    sp.add_argument("--seed", type=seed, default=0)
+    sp.add_argument("--steps", type=positive, default=None, help="sampling steps (default: bundle's)")
+    sp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight")
+    sp.add_argument("--num-frames", type=positive, default=None)
+    sp.add_argument("--version", default=None, help="registered model version (default: champion)")
+    sp.set_defaults(fn=cmd_generate)
+
+    sp = sub.add_parser("serve", help="serve the champion with BentoML on localhost")
+    sp.add_argument("--port", type=positive, default=3000)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--version", default=None, help="registered model version (default: champion)")
+    sp.set_defaults(fn=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user; details with ZOETROPE_DEBUG=1
+        if os.environ.get("ZOETROPE_DEBUG"):
+            raise
+        from flows.project import ProjectError
+
+        if isinstance(exc, ProjectError):
+            return _fail(str(exc))
+        return _fail(f"{type(exc).__name__}: {exc} (set ZOETROPE_DEBUG=1 for the traceback)", 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

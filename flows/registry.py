@@ -1,0 +1,103 @@
+"""Registering the ONNX bundle in MLflow and promoting it with aliases (never stages)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+
+from components.config import Config
+from flows.project import REGISTERED_MODEL, Project
+
+SERVING_REQUIREMENTS = [
+    "onnxruntime-gpu==1.31.1",
+    "numpy>=2,<3",
+    "tokenizers==0.23.3",
+    "av==18.1.0",
+    "zoetrope-mlops",
+]
+
+
+class ZoetropeOnnxModel(mlflow.pyfunc.PythonModel):
+    """An MLflow pyfunc over the ONNX bundle: a DataFrame of prompts in, MP4 bytes out."""
+
+    def load_context(self, context):
+        from components.onnx_runtime import OnnxT2V
+
+        self.runtime = OnnxT2V(context.artifacts["bundle"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        from components.video_io import encode_mp4
+
+        videos = []
+        for row in model_input.to_dict("records"):
+            frames = self.runtime.generate(
+                str(row["prompt"]), seed=int(row.get("seed", 0) or 0),
+            )
+            videos.append(encode_mp4(frames, self.runtime.fps))
+        return videos
+
+
+def all_gates(evaluation: dict, export_report: dict) -> list[dict]:
+    gates = list(evaluation["gates"])
+    gates.append({
+        "name": "onnx_max_abs_diff",
+        "metric": "onnx_worst_max_abs_diff",
+        "op": "<=",
+        "value": export_report["worst"],
+        "threshold": export_report["threshold"],
+        "passed": export_report["passed"],
+        "margin": export_report["threshold"] - export_report["worst"],
+    })
+    return gates
+
+
+def register_bundle(project: Project, cfg: Config, bundle_dir: Path, evaluation: dict,
+                    export_report: dict) -> dict:
+    gates = all_gates(evaluation, export_report)
+    passed = all(g["passed"] for g in gates)
+    info = mlflow.pyfunc.log_model(
+        name="zoetrope-t2v",
+        python_model=ZoetropeOnnxModel(),
+        artifacts={"bundle": str(bundle_dir)},
+        registered_model_name=REGISTERED_MODEL,
+        pip_requirements=SERVING_REQUIREMENTS,
+        metadata={"gates_passed": passed},
+    )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for g in gates:
+        client.set_model_version_tag(REGISTERED_MODEL, version, f"gate.{g['name']}",
+                                     f"{'pass' if g['passed'] else 'FAIL'} {g['value']:.4g} {g['op']} {g['threshold']:.4g}")
+    client.set_model_version_tag(REGISTERED_MODEL, version, "gates_passed", str(passed).lower())
+    client.set_model_version_tag(REGISTERED_MODEL, version, "git.commit", project.git_commit())
+    client.set_model_version_tag(REGISTERED_MODEL, version, "dvc.data_version", project.data_version())
+    previous = None
+    try:
+        previous = client.get_model_version_by_alias(REGISTERED_MODEL, "champion").version
+    except mlflow.exceptions.MlflowException:
+        pass
+    bento_tag = None
+    if passed:
+        client.set_registered_model_alias(REGISTERED_MODEL, "champion", version)
+        from serving.store import import_bundle
+
+        bento_tag = import_bundle(
+            bundle_dir, labels={"alias": "champion", "mlflow_version": version},
+            metadata={"mlflow_model": f"models:/{REGISTERED_MODEL}/{version}"},
+        )
+    failed = [g for g in gates if not g["passed"]]
+    return {
+        "model": REGISTERED_MODEL,
+        "version": int(version),
+        "champion": passed,
+        "previous_champion": int(previous) if previous else None,
+        "failed_gates": [
+            f"{g['name']}: {g['value']:.4g} {g['op']} {g['threshold']:.4g} failed by "
+            f"{abs(g['margin']):.4g}" for g in failed
+        ],
+        "bento_model": bento_tag,
+        "model_uri": f"models:/{REGISTERED_MODEL}/{version}",
+    }

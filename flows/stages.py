@@ -1,0 +1,213 @@
+"""`zoetrope stage NAME`: the command of each DVC stage.
+
+Each stage reads the resolved config, opens an MLflow run (nested under the pipeline's parent
+run when the Prefect flow started it), calls the pure function in `components/` that does the
+work, and logs what it returned. Paths come from dvc.yaml's layout (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from components.checkpoint import atomic_write_json, atomic_write_text
+from components.config import Config
+from flows.project import REGISTERED_MODEL, Project, quiet_environment
+
+StageFn = Callable[[Project, Config, "object"], dict]
+
+
+def _fresh(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def synth(project: Project, cfg: Config, log) -> dict:
+    from components.synth import generate
+
+    return generate(_fresh(project.path("data/raw")), cfg.data, cfg.seed)
+
+
+def prepare(project: Project, cfg: Config, log) -> dict:
+    import mlflow
+
+    from components.prepare import prepare as prepare_clips
+    from flows.validation import ValidationFailed, validate_manifest
+
+    out = _fresh(project.path("data/clips"))
+    summary = prepare_clips(project.path("data/raw"), out, cfg.data, cfg.seed)
+    if (out / "quarantine.json").exists():
+        mlflow.log_artifact(str(out / "quarantine.json"), "data")
+    try:
+        result = validate_manifest(out / "manifest.csv", cfg.data, out)
+    finally:
+        if (out / "validation.json").exists():
+            mlflow.log_artifact(str(out / "validation.json"), "data")
+        if (out / "data_docs").exists():
+            mlflow.log_artifacts(str(out / "data_docs"), "data/data_docs")
+    summary["validation_passed"] = float(bool(result.get("success", True)))
+    _ = ValidationFailed
+    return summary
+
+
+def caption(project: Project, cfg: Config, log) -> dict:
+    from components.captioner import run_caption_stage
+
+    metrics = run_caption_stage(
+        project.path("data/clips"),
+        _fresh(project.path("data/captions")),
+        _fresh(project.path("models/captioner")),
+        cfg,
+        log=log,
+        ckpt_dir=project.ckpt_dir("caption"),
+    )
+    atomic_write_json(project.path("reports/caption.json"), metrics)
+    return metrics
+
+
+def train_vae(project: Project, cfg: Config, log) -> dict:
+    from components.vae import run_train_vae
+
+    return run_train_vae(
+        project.path("data/clips"), _fresh(project.path("models/vae")), cfg,
+        log=log, ckpt_dir=project.ckpt_dir("train_vae"),
+    )
+
+
+def encode(project: Project, cfg: Config, log) -> dict:
+    from components.encode import run_encode
+
+    return run_encode(
+        project.path("data/clips"), project.path("data/captions"), project.path("models/vae/vae.pt"),
+        _fresh(project.path("data/encoded")), cfg, log=log,
+    )
+
+
+def train_dit(project: Project, cfg: Config, log) -> dict:
+    from components.dit import run_train_dit
+
+    return run_train_dit(
+        project.path("data/encoded"), _fresh(project.path("models/dit")), cfg,
+        log=log, ckpt_dir=project.ckpt_dir("train_dit"),
+    )
+
+
+def evaluate(project: Project, cfg: Config, log) -> dict:
+    import mlflow
+
+    from components.evaluation import run_evaluate
+
+    out = _fresh(project.path("reports/eval"))
+    report = run_evaluate(
+        project.path("data/clips"), project.path("models/vae/vae.pt"),
+        project.path("models/dit/dit.pt"), out, cfg, log=log,
+        caption_metrics=_read_json(project.path("reports/caption.json")),
+        ckpt_dir=project.ckpt_dir("evaluate"),
+    )
+    atomic_write_json(project.path("reports/evaluation.json"), report)
+    mlflow.log_artifacts(str(out / "samples"), "samples")
+    if (out / "report.md").exists():
+        mlflow.log_artifact(str(out / "report.md"))
+    mlflow.log_dict(report, "evaluation.json")
+    for gate in report["gates"]:
+        mlflow.log_metric(f"gate.{gate['name']}.passed", float(gate["passed"]))
+    return report["metrics"]
+
+
+def export(project: Project, cfg: Config, log) -> dict:
+    from components.export import export_bundle
+    from components.parity import generation_parity
+
+    out = project.path("models/onnx")
+    if out.exists():
+        shutil.rmtree(out)
+    result = export_bundle(project.path("models/vae/vae.pt"), project.path("models/dit/dit.pt"), out, cfg)
+    parity = generation_parity(out, project.path("models/vae/vae.pt"), project.path("models/dit/dit.pt"), cfg)
+    diffs = {f"max_abs_diff.{k}": float(v) for k, v in result["max_abs_diff"].items()}
+    diffs["max_abs_diff.generation"] = float(parity["max_abs_diff"])
+    worst = max(diffs.values())
+    report = {
+        "max_abs_diff": diffs,
+        "worst": worst,
+        "threshold": cfg.gates.onnx_max_abs_diff,
+        "passed": bool(worst <= cfg.gates.onnx_max_abs_diff),
+        "seconds": result.get("seconds"),
+    }
+    atomic_write_json(project.path("reports/export.json"), report)
+    return {**diffs, "onnx_parity_passed": float(report["passed"])}
+
+
+def register(project: Project, cfg: Config, log) -> dict:
+    from flows.registry import register_bundle
+
+    evaluation = _read_json(project.path("reports/evaluation.json"))
+    export_report = _read_json(project.path("reports/export.json"))
+    info = register_bundle(project, cfg, project.path("models/onnx"), evaluation, export_report)
+    atomic_write_json(project.path("reports/register.json"), info)
+    return {"registered_version": float(info["version"]), "champion": float(info["champion"])}
+
+
+STAGES: dict[str, StageFn] = {
+    "synth": synth,
+    "prepare": prepare,
+    "caption": caption,
+    "train_vae": train_vae,
+    "encode": encode,
+    "train_dit": train_dit,
+    "evaluate": evaluate,
+    "export": export,
+    "register": register,
+}
+
+
+def run(name: str, project: Project | None = None) -> dict:
+    """Run one stage in this process (what `zoetrope stage NAME` and `dvc repro` call)."""
+    project = project or Project.find()
+    quiet_environment(project)
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}: stages are {', '.join(STAGES)}")
+    from flows import tracking
+
+    cfg = project.config()
+    err = project.error_file(name)
+    err.unlink(missing_ok=True)
+    try:
+        with tracking.stage_run(project, name, cfg) as log:
+            metrics = STAGES[name](project, cfg, log) or {}
+            tracking.log_summary_metrics(metrics)
+        return metrics
+    except BaseException as exc:
+        message = f"stage {name} failed: {type(exc).__name__}: {exc}"
+        atomic_write_text(err, message + "\n\n" + traceback.format_exc())
+        raise
+
+
+def main(name: str) -> int:
+    try:
+        run(name)
+    except KeyboardInterrupt:
+        print(f"stage {name} interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line for DVC/Prefect
+        traceback.print_exc()
+        print(f"\nzoetrope: stage {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+_ = REGISTERED_MODEL

@@ -1,0 +1,142 @@
+"""MLflow wiring: one parent run per pipeline run, a nested run per stage, the model registry.
+
+The tracking URI is always set explicitly (default: SQLite in `.zoetrope/mlflow.db`, artifacts
+in `.zoetrope/mlartifacts`), so nothing lands in whatever folder a command runs from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+from mlflow import MlflowClient
+
+from components.config import Config
+from flows.project import EXPERIMENT, REGISTERED_MODEL, Project
+
+PARENT_ENV = "ZOETROPE_PARENT_RUN_ID"
+
+
+def setup(project: Project) -> str:
+    """Point MLflow at the project's store; create the experiment with its artifact root."""
+    mlflow.set_tracking_uri(project.tracking_uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        location = None if os.environ.get("MLFLOW_TRACKING_URI") else project.artifact_location
+        exp_id = client.create_experiment(EXPERIMENT, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def lineage_tags(project: Project) -> dict[str, str]:
+    return {
+        "git.commit": project.git_commit(),
+        "dvc.data_version": project.data_version(),
+        "zoetrope.profile": str(project.selection().get("profile")),
+        "zoetrope.overrides": " ".join(project.selection().get("overrides") or []) or "-",
+    }
+
+
+def start_parent(project: Project, cfg: Config, run_name: str | None = None) -> str:
+    setup(project)
+    run = mlflow.start_run(run_name=run_name, tags={**lineage_tags(project), "zoetrope.kind": "pipeline"})
+    mlflow.log_params(cfg.flat())
+    return run.info.run_id
+
+
+class StageLogger:
+    """The `log(step, metrics)` callback that components report through, sent to MLflow."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self._last = 0.0
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {f"{self.prefix}{k}": float(v) for k, v in metrics.items() if _is_number(v)}
+        if clean:
+            mlflow.log_metrics(clean, step=int(step))
+
+    def child(self, prefix: str) -> "StageLogger":
+        return StageLogger(self.prefix + prefix)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+@contextlib.contextmanager
+def stage_run(project: Project, stage: str, cfg: Config) -> Iterator[StageLogger]:
+    """A nested run under the pipeline's parent run (or a standalone run under plain `dvc repro`)."""
+    setup(project)
+    parent = os.environ.get(PARENT_ENV)
+    tags = {**lineage_tags(project), "zoetrope.kind": "stage", "zoetrope.stage": stage}
+    with mlflow.start_run(
+        run_name=stage, parent_run_id=parent, nested=bool(parent), tags=tags, log_system_metrics=True
+    ):
+        mlflow.log_params(cfg.flat())
+        t0 = time.time()
+        try:
+            yield StageLogger()
+        finally:
+            mlflow.log_metric("stage_seconds", time.time() - t0)
+
+
+def log_summary_metrics(metrics: dict[str, float], prefix: str = "") -> None:
+    clean = {f"{prefix}{k}": float(v) for k, v in metrics.items() if _is_number(v)}
+    if clean:
+        mlflow.log_metrics(clean)
+
+
+def log_dir(path: Path, artifact_path: str) -> None:
+    if path.exists():
+        mlflow.log_artifacts(str(path), artifact_path)
+
+
+# ---------------------------------------------------------------------------------- registry
+
+
+def champion_version(project: Project) -> str | None:
+    setup(project)
+    client = MlflowClient()
+    try:
+        return client.get_model_version_by_alias(REGISTERED_MODEL, "champion").version
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def download_bundle(project: Project, version: str | None = None) -> tuple[Path, str]:
+    """Fetch the ONNX bundle of a registered version (default: the champion) into `.zoetrope`."""
+    setup(project)
+    client = MlflowClient()
+    if version is None:
+        version = champion_version(project)
+        if version is None:
+            raise LookupError(
+                f"model {REGISTERED_MODEL!r} has no 'champion' alias: run `zoetrope run` until every "
+                "gate passes, or pass --version N to use a registered version"
+            )
+    try:
+        mv = client.get_model_version(REGISTERED_MODEL, str(version))
+    except mlflow.exceptions.MlflowException:
+        raise LookupError(f"model {REGISTERED_MODEL!r} has no version {version}: see the MLflow UI") from None
+    target = project.state / "bundles" / f"v{mv.version}"
+    if not (target / "bundle.json").exists():
+        tmp = target.with_name(target.name + ".partial")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{REGISTERED_MODEL}/{mv.version}", dst_path=str(tmp)
+        )
+        bundle = next(Path(local).rglob("bundle.json")).parent
+        bundle.rename(target) if bundle != tmp else tmp.rename(target)
+    return target, str(mv.version)

@@ -1,0 +1,62 @@
+"""Shared test setup: telemetry off, isolated homes, one Prefect test server per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_HOME = Path(tempfile.mkdtemp(prefix="zoetrope-test-home-"))
+
+# Set before Prefect, MLflow or BentoML are imported by any test module.
+os.environ.update({
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PREFECT_HOME": str(_HOME / "prefect"),
+    "BENTOML_HOME": str(_HOME / "bentoml"),
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+})
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+PROJECT_FILES = ["components", "flows", "serving", "dvc.yaml", "params.yaml", ".dvc/config",
+                 ".dvcignore", ".gitignore", "pyproject.toml", "bentofile.yaml"]
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def make_project(dest: Path) -> Path:
+    """A fresh copy of the project's tracked files in its own git repo, as a user's clone."""
+    for rel in PROJECT_FILES:
+        src = ROOT / rel
+        if not src.exists():
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, target)
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    (dest / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    return dest
