@@ -72,7 +72,9 @@ class VAEConfig:
     latent_channels: int = 4
     time_down: int = 4  # temporal compression (1, 2 or 4); causal: first frame stands alone
     space_down: int = 4  # spatial compression (4 or 8)
+    patch: int = 2  # pixel (un)shuffle factor before the first conv; the rest of space_down is strided
     kl_weight: float = 1e-6
+    mse_weight: float = 1.0  # L2 beside the L1 reconstruction loss: PSNR is an L2 measure
     steps: int = 1500
     batch_size: int = 16
     lr: float = 1e-3
@@ -82,6 +84,8 @@ class VAEConfig:
     def validate(self) -> None:
         _check(self.time_down in (1, 2, 4), "vae.time_down", self.time_down, "use 1, 2 or 4")
         _check(self.space_down in (4, 8), "vae.space_down", self.space_down, "use 4 or 8")
+        _check(self.patch in (1, 2, 4) and self.patch <= self.space_down, "vae.patch", self.patch,
+               "use 1, 2 or 4, at most vae.space_down")
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,8 @@ class SampleConfig:
 class EvalConfig:
     judge_steps: int = 600  # attribute classifier that grades generated videos
     judge_batch_size: int = 32
+    judge_width: int = 64  # judge's video-encoder channels
+    judge_lr: float = 2e-3
     prompts_per_split: int = 24  # generated videos per split (seen / held-out combinations)
     recon_clips: int = 128  # held-out clips for VAE PSNR/SSIM
 

@@ -160,7 +160,7 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
         write_video(samples_dir / f"grid_{split}.gif", _grid(videos), cfg.data.fps)
 
     caption_metrics = caption_metrics or {}
-    metrics["caption_accuracy"] = float(caption_metrics.get("val_accuracy_mean", float("nan")))
+    metrics["caption_accuracy"] = float(caption_metrics.get("val_acc_mean", float("nan")))
     thresholds = {g.name: getattr(cfg.gates, g.name) for g in GATES}
     gates = check_gates(metrics, thresholds)
     metrics["evaluate_seconds"] = time.time() - t0

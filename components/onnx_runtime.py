@@ -116,7 +116,11 @@ class Limits:
 
 @dataclass(frozen=True)
 class BundleInfo:
-    """`bundle.json`, typed. Unknown keys are kept in `extra` (shown by /info), missing ones fail."""
+    """`bundle.json`, typed: a missing key fails with its name; `raw` keeps the whole file for /info.
+
+    The timestep shift is `shift` when the bundle fixes one, else `schedule.token_shift` of the
+    DiT's token count (`dit.num_tokens`: latent t*h*w over the `patch` volume), as in training.
+    """
 
     latent_channels: int
     latent_mean: tuple[float, ...]
@@ -147,10 +151,11 @@ class BundleInfo:
                 raise ValueError(f"{path}: missing key {prefix}{key}: re-export the bundle")
             return where[key]
 
-        sample = raw.get("sample", {})
+        sample = need("sample")
         shift = raw.get("shift")
-        if isinstance(shift, dict):  # {"value": s} or {"rule": "token_shift"}
-            shift = shift.get("value")
+        if shift is None and "patch" not in raw:
+            raise ValueError(f"{path}: needs `shift` (a number) or `patch` ([t, h, w]) to set the "
+                             "sampling schedule: re-export the bundle")
         patch = raw.get("patch", (1, 1, 1))
         info = cls(
             latent_channels=int(need("latent_channels")),
@@ -241,20 +246,38 @@ class OnnxT2V:
     def limits(self) -> Limits:
         return self.info.limits
 
+    @property
+    def fps(self) -> int:
+        return self.info.fps
+
     # ---- pieces ---------------------------------------------------------------------------
 
-    def encode_text(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Prompts -> tokens float32 (B, L, 384) and mask bool (B, L)."""
+    def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """-> input_ids, attention_mask int64 (B, max_tokens), as `TextEncoder.tokenize` makes them."""
+        if isinstance(prompts, str):
+            raise ValueError("tokenize takes a list of prompts, not one string")
         encodings = self._tokenizer.encode_batch(list(prompts))
         ids = np.asarray([e.ids for e in encodings], np.int64)  # (B, L)
         mask = np.asarray([e.attention_mask for e in encodings], np.int64)  # (B, L)
+        return ids, mask
+
+    def encode_text(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts -> tokens float32 (B, L, 384) and mask bool (B, L)."""
+        ids, mask = self.tokenize(prompts)
         (tokens,) = self._text.run(["tokens"], {"input_ids": ids, "attention_mask": mask})
         return tokens.astype(np.float32, copy=False), mask.astype(bool)
 
     def _velocity(self, x: np.ndarray, t: np.float32, ctx: np.ndarray, mask: np.ndarray,
                   guidance: float) -> np.ndarray:
-        """Guided v for x (B, c, t, h, w); ctx/mask hold B conditional then B unconditional rows."""
+        """Guided v for x (B, c, t, h, w); ctx/mask hold B conditional then B unconditional rows.
+
+        As `rectified_flow._velocity`: guidance 1 is the conditional branch alone.
+        """
         b = x.shape[0]
+        if guidance == 1.0:
+            (v,) = self._dit.run(["v"], {"x": x, "t": np.full((b,), t, np.float32),
+                                         "ctx": ctx[:b], "ctx_mask": mask[:b]})
+            return v
         x2 = np.concatenate([x, x])  # (2B, c, t, h, w)
         t2 = np.full((2 * b,), t, np.float32)
         (v,) = self._dit.run(["v"], {"x": x2, "t": t2, "ctx": ctx, "ctx_mask": mask})
@@ -265,8 +288,8 @@ class OnnxT2V:
         """Normalised latents (B, c, t, h, w) -> uint8 videos (B, T, H, W, 3)."""
         z = (z_norm * self._std + self._mean).astype(np.float32)
         (video,) = self._decoder.run(["video"], {"z": z})  # (B, 3, T, H, W) in [-1, 1]
-        frames = np.clip((video + 1.0) * 127.5, 0, 255).astype(np.uint8)
-        return frames.transpose(0, 2, 3, 4, 1)  # (B, T, H, W, 3)
+        frames = np.round((np.clip(video, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)  # as vae.to_uint8
+        return np.ascontiguousarray(frames.transpose(0, 2, 3, 4, 1))  # (B, T, H, W, 3)
 
     # ---- generation -----------------------------------------------------------------------
 
@@ -284,13 +307,10 @@ class OnnxT2V:
             raise ValueError(f"sampler={sampler!r} is invalid: use one of {', '.join(SAMPLERS)}")
         return int(steps), float(guidance), self.limits.check_frames(num_frames), sampler
 
-    def generate_batch(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
+    def sample_latents(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
                        guidance: float | None = None, num_frames: int | None = None,
                        sampler: str | None = None) -> np.ndarray:
-        """One video per (prompt, seed): uint8 (B, T, H, W, 3).
-
-        Video i is `generate(prompts[i], seeds[i])` up to float rounding of the larger batch.
-        """
+        """Normalised latents float32 (B, c, t, h, w), as `rectified_flow.sample` integrates them."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts should be a list of strings")
         if len(prompts) == 0 or len(prompts) != len(seeds):
@@ -319,7 +339,16 @@ class OnnxT2V:
                 x = x + dt * 0.5 * (v + v_next)
             else:
                 x = x + dt * v
-        return self.decode(x.astype(np.float32, copy=False))
+        return x.astype(np.float32, copy=False)
+
+    def generate_batch(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
+                       guidance: float | None = None, num_frames: int | None = None,
+                       sampler: str | None = None) -> np.ndarray:
+        """One video per (prompt, seed): uint8 (B, T, H, W, 3).
+
+        Video i is `generate(prompts[i], seeds[i])` up to float rounding of the larger batch.
+        """
+        return self.decode(self.sample_latents(prompts, seeds, steps, guidance, num_frames, sampler))
 
     def generate(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  num_frames: int | None = None, sampler: str | None = None) -> np.ndarray:

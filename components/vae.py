@@ -4,10 +4,11 @@ Causal in time (MAGVIT-v2, Yu et al. 2023; Open-Sora Plan's CausalVAE): every co
 the past, and each 2x time step maps frame 0 alone and then pairs of frames, so T = 1 + k * time_down
 frames give t = 1 + k latent frames and the first frame is encoded as an image. Convolutions are
 factorised into a 3x3 spatial and a 3-tap causal temporal kernel (R(2+1)D, Tran et al. 2018), and
-the first and last 2x of space is a pixel (un)shuffle (as Cosmos Tokenizer's patchify), because on
-a CPU full-resolution 3D convolutions cost most of the budget and buy little.
+the first and last `patch`x of space is a pixel (un)shuffle (as Cosmos Tokenizer's patchify), because
+on a CPU full-resolution convolutions cost most of the budget and buy little: with patch 4 every
+convolution runs at 8x8 and trained to a higher PSNR per CPU-second than patch 2.
 
-KL-regularised (Kingma & Welling 2014) with a small weight and an L1 reconstruction loss. The
+KL-regularised (Kingma & Welling 2014) with a small weight; L1 plus L2 reconstruction loss. The
 per-channel mean and std of the posterior means over the training clips are measured after
 training and stored in the checkpoint: the DiT sees `(mu - mean) / std`.
 """
@@ -153,7 +154,7 @@ class SpaceUp(nn.Module):
 
 def _levels(cfg: VAEConfig) -> tuple[int, int, list[int]]:
     """(space steps after the pixel unshuffle, time steps, channels at each level)."""
-    n_space = int(math.log2(cfg.space_down)) - 1
+    n_space = int(math.log2(cfg.space_down)) - int(math.log2(cfg.patch))
     n_time = int(math.log2(cfg.time_down))
     chs = [cfg.base_channels]
     for i in range(max(n_space, n_time)):
@@ -170,7 +171,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         n_space, n_time, chs = _levels(cfg)
-        self.conv_in = CausalConv(3 * 4, chs[0], kt=1, k=3)
+        self.patch = cfg.patch
+        self.conv_in = CausalConv(3 * cfg.patch**2, chs[0], kt=1, k=3)
         layers: list[nn.Module] = []
         for i in range(len(chs) - 1):
             layers.append(ResBlock(chs[i]))
@@ -184,7 +186,7 @@ class Encoder(nn.Module):
         self.conv_out = CausalConv(chs[-1], 2 * cfg.latent_channels, kt=1, k=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(space_to_depth(x, 2))  # (B, C0, T, H/2, W/2)
+        h = self.conv_in(space_to_depth(x, self.patch))  # (B, C0, T, H/p, W/p)
         h = self.layers(h)  # (B, C, t, h, w)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2c, t, h, w)
 
@@ -203,11 +205,12 @@ class Decoder(nn.Module):
             layers.append(ResBlock(chs[i]))
         self.layers = nn.Sequential(*layers)
         self.norm_out = ChannelNorm(chs[0])
-        self.conv_out = CausalConv(chs[0], 3 * 4, kt=1, k=3)
+        self.patch = cfg.patch
+        self.conv_out = CausalConv(chs[0], 3 * cfg.patch**2, kt=1, k=3)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.layers(self.conv_in(z))  # (B, C0, T, H/2, W/2)
-        return depth_to_space(self.conv_out(F.silu(self.norm_out(h))), 2)  # (B, 3, T, H, W)
+        h = self.layers(self.conv_in(z))  # (B, C0, T, H/p, W/p)
+        return depth_to_space(self.conv_out(F.silu(self.norm_out(h))), self.patch)  # (B, 3, T, H, W)
 
 
 class VideoVAE(nn.Module):
@@ -258,11 +261,14 @@ class VideoVAE(nn.Module):
 
 
 def vae_loss(model: VideoVAE, x: torch.Tensor, kl_weight: float,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             generator: torch.Generator | None = None,
+             mse_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     recon, mu, logvar = model(x, generator)
     l1 = (recon - x).abs().mean()
+    mse = (recon - x).pow(2).mean()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    return l1 + kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach())}
+    loss = l1 + mse_weight * mse + kl_weight * kl
+    return loss, {"l1": float(l1.detach()), "mse": float(mse.detach()), "kl": float(kl.detach())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,7 +352,7 @@ def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | No
 
     def loss_fn(m: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         x, gen = batch
-        return vae_loss(m, x, vcfg.kl_weight, gen)
+        return vae_loss(m, x, vcfg.kl_weight, gen, vcfg.mse_weight)
 
     spec = TrainSpec(steps=vcfg.steps, lr=vcfg.lr, warmup=vcfg.warmup, grad_clip=vcfg.grad_clip,
                      seed=cfg.seed)

@@ -66,8 +66,12 @@ class Project:
         return self.root / rel
 
     @property
+    def default_tracking_uri(self) -> str:
+        return f"sqlite:///{self.state / 'mlflow.db'}"
+
+    @property
     def tracking_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.state / 'mlflow.db'}"
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.default_tracking_uri
 
     @property
     def artifact_location(self) -> str:
@@ -162,4 +166,4 @@ def quiet_environment(project: Project | None = None) -> None:
     if project is not None:
         os.environ.setdefault("PREFECT_HOME", str(project.state / "prefect"))
         os.environ.setdefault("BENTOML_HOME", str(project.state / "bentoml"))
-        os.environ.setdefault("ZOETROPE_PROJECT", str(project.root))
+        os.environ["ZOETROPE_PROJECT"] = str(project.root)

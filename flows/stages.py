@@ -99,7 +99,7 @@ def encode(project: Project, cfg: Config, log) -> dict:
 
 
 def train_dit(project: Project, cfg: Config, log) -> dict:
-    from components.dit import run_train_dit
+    from components.train_dit import run_train_dit
 
     return run_train_dit(
         project.path("data/encoded"), _fresh(project.path("models/dit")), cfg,

@@ -23,11 +23,15 @@ PARENT_ENV = "ZOETROPE_PARENT_RUN_ID"
 
 def setup(project: Project) -> str:
     """Point MLflow at the project's store; create the experiment with its artifact root."""
-    mlflow.set_tracking_uri(project.tracking_uri)
+    uri = project.tracking_uri
+    # MLflow exports the URI to the environment, so decide by the URI, not by the variable:
+    # the embedded SQLite store keeps artifacts beside it; a server decides its own.
+    local = uri == project.default_tracking_uri
+    mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
-        location = None if os.environ.get("MLFLOW_TRACKING_URI") else project.artifact_location
+        location = project.artifact_location if local else None
         exp_id = client.create_experiment(EXPERIMENT, artifact_location=location)
     else:
         exp_id = exp.experiment_id

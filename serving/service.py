@@ -94,7 +94,7 @@ class TextToVideo:
             guidance=request.guidance,
             num_frames=request.num_frames,
         )  # uint8 (T, H, W, 3)
-        return encode_mp4(frames, self.pipeline.info.fps)
+        return encode_mp4(frames, self.pipeline.fps)
 
     def info(self) -> dict:
         return {"source": self.source, **self.pipeline.describe()}

@@ -30,7 +30,7 @@ os.environ.update({
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 
-PROJECT_FILES = ["components", "flows", "serving", "dvc.yaml", "params.yaml", ".dvc/config",
+PROJECT_FILES = ["components", "flows", "serving", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore",
                  ".dvcignore", ".gitignore", "pyproject.toml", "bentofile.yaml"]
 
 

@@ -1,0 +1,346 @@
+"""The re-captioner: video -> descriptive caption (Sora's recipe trains on generated captions).
+
+Only a `data.caption_fraction` share of the training clips come with a caption. A small
+video-to-text model learns from those and captions every other clip, so the text-to-video model
+trains on a caption for every clip (DALL-E 3 / Sora "re-captioning").
+
+Model: a 3D-conv encoder turns a clip into spacetime tokens (B, N, D); a small autoregressive
+transformer decoder over a word vocabulary (built from the training captions) cross-attends to
+them. Greedy decoding. Evaluation parses captions back into attributes (`world.parse_caption`)
+and scores corpus BLEU-4 against the canonical captions.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components import world
+from components.checkpoint import atomic_write_text, load_model, save_model
+from components.clips import Clips, load_clips
+from components.config import CaptionConfig, Config
+from components.trainer import LogFn, TrainSpec, fit
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)
+HEADS = 4
+FRAME_STEP = 4  # the video encoder reads every fourth frame
+
+
+def to_float(video: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, T, H, W) in [0, 255] -> float in [-1, 1]."""
+    return video.float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Video encoder (also the judge's backbone)
+# ----------------------------------------------------------------------------------------------
+
+
+class VideoEncoder(nn.Module):
+    """(B, 3, T, H, W) in [-1, 1] -> spacetime tokens (B, N, width).
+
+    Every fourth frame goes through a small full-resolution 2D conv stack (stride-1 convs and
+    max-pooling: strided stems were measured to learn the shape far more slowly, and a narrow
+    stack learns it slowly when it must also carry colour, size and background), then 3D convs
+    relate the frames' feature maps: the object's motion.
+    """
+
+    def __init__(self, width: int, frames: int, size: int):
+        super().__init__()
+        c = max(8, width // 4)
+        self.frame = nn.Sequential(
+            nn.Conv2d(3, c, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),  # (BT, c, H/2, W/2)
+            nn.Conv2d(c, width, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),  # (BT, w, H/4, W/4)
+        )
+        self.spacetime = nn.Sequential(
+            nn.Conv3d(width, width, 3, stride=(1, 2, 2), padding=1), nn.GELU(),  # (B, w, t, H/8, W/8)
+            nn.Conv3d(width, width, 3, padding=1), nn.GELU(),
+        )
+        with torch.no_grad():
+            n = self.grid(torch.zeros(1, 3, frames, size, size)).flatten(2).shape[-1]
+        self.pos = nn.Parameter(torch.randn(1, n, width) * 0.02)
+        self.norm = nn.LayerNorm(width)
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) -> feature grid (B, w, t, h, w')."""
+        x = x[:, :, ::FRAME_STEP]  # the object moves 3-6 pixels between kept frames
+        b, c, t, h, w = x.shape
+        f = self.frame(x.transpose(1, 2).reshape(b * t, c, h, w))  # (Bt, w, H/4, W/4)
+        f = f.reshape(b, t, *f.shape[1:]).transpose(1, 2)  # (B, w, t, H/4, W/4)
+        return self.spacetime(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.grid(x).flatten(2).transpose(1, 2)  # (B, N, w)
+        return self.norm(h + self.pos)
+
+
+# ----------------------------------------------------------------------------------------------
+# Captioner
+# ----------------------------------------------------------------------------------------------
+
+
+def build_vocab(captions: list[str]) -> list[str]:
+    return [*SPECIALS, *sorted({w for c in captions for w in c.lower().split()})]
+
+
+class Captioner(nn.Module):
+    def __init__(self, vocab: list[str], width: int, layers: int, max_words: int, frames: int, size: int):
+        super().__init__()
+        self.config = dict(width=width, layers=layers, max_words=max_words, frames=frames, size=size)
+        self.vocab = list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.max_len = max_words + 2  # BOS ... EOS
+        self.encoder = VideoEncoder(width, frames, size)
+        self.embed = nn.Embedding(len(vocab), width)
+        self.pos = nn.Parameter(torch.randn(1, self.max_len, width) * 0.02)
+        layer = nn.TransformerDecoderLayer(width, HEADS, 4 * width, dropout=0.0, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.decoder = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(width))
+        self.head = nn.Linear(width, len(vocab))
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> int64 (B, max_len): BOS, words, EOS, then PAD."""
+        out = torch.full((len(captions), self.max_len), self.index[PAD], dtype=torch.long)
+        for i, text in enumerate(captions):
+            words = text.lower().split()
+            if len(words) > self.max_len - 2:
+                raise ValueError(f"caption has {len(words)} words, more than caption.max_words="
+                                 f"{self.max_len - 2}: raise caption.max_words ({text!r})")
+            ids = [self.index[BOS], *(self.index.get(w, self.index[UNK]) for w in words), self.index[EOS]]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def forward(self, video: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """video float (B, 3, T, H, W), tokens (B, L) -> next-word logits (B, L, V)."""
+        memory = self.encoder(video)  # (B, N, D)
+        L = tokens.shape[1]
+        h = self.embed(tokens) + self.pos[:, :L]  # (B, L, D)
+        causal = nn.Transformer.generate_square_subsequent_mask(L, device=tokens.device)
+        return self.head(self.decoder(h, memory, tgt_mask=causal, tgt_is_causal=True))
+
+    @torch.no_grad()
+    def generate(self, video: torch.Tensor, batch_size: int = 256) -> list[str]:
+        """Greedy captions for uint8 (B, 3, T, H, W) clips."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        out: list[str] = []
+        for start in range(0, len(video), batch_size):
+            x = to_float(video[start : start + batch_size].to(device))
+            memory = self.encoder(x)  # (B, N, D)
+            tokens = torch.full((len(x), 1), self.index[BOS], dtype=torch.long, device=device)
+            causal = nn.Transformer.generate_square_subsequent_mask(self.max_len, device=device)
+            for step in range(1, self.max_len):
+                h = self.embed(tokens) + self.pos[:, :step]
+                h = self.decoder(h, memory, tgt_mask=causal[:step, :step], tgt_is_causal=True)
+                nxt = self.head(h[:, -1]).argmax(-1, keepdim=True)  # (B, 1)
+                tokens = torch.cat([tokens, nxt], 1)
+                if (tokens == self.index[EOS]).any(1).all():
+                    break
+            for row in tokens[:, 1:].tolist():
+                words = []
+                for t in row:
+                    if t == self.index[EOS]:
+                        break
+                    words.append(self.vocab[t])
+                out.append(" ".join(w for w in words if w not in SPECIALS))
+        self.train(was_training)
+        return out
+
+
+def save_captioner(model: Captioner, path: Path) -> None:
+    save_model(path, "captioner", model.config, model.state_dict(), vocab=model.vocab)
+
+
+def load_captioner(path: Path, device: str | torch.device = "cpu") -> Captioner:
+    obj = load_model(path, "captioner")
+    model = Captioner(obj["vocab"], **obj["config"])
+    model.load_state_dict(obj["state_dict"])
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+# Mirroring and time reversal keep every attribute but the motion, whose word they swap.
+# Diagonal (towards the top right) would leave the vocabulary, so diagonal clips stay as they are.
+MIRROR_WORDS = {"left": "right", "right": "left"}
+REVERSE_WORDS = {"left": "right", "right": "left", "up": "down", "down": "up"}
+MAX_SHIFT = 3  # pixels of random translation
+WORD_DROPOUT = 0.2  # share of decoder input words replaced by <unk>: the video must carry the caption
+
+
+def _swap_table(index: dict[str, int], words: dict[str, str]) -> torch.Tensor:
+    table = torch.arange(len(index))
+    for a, b in words.items():
+        if a in index and b in index:
+            table[index[a]] = index[b]
+    return table
+
+
+def augment(model: Captioner, video: torch.Tensor, tokens: torch.Tensor, gen: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random mirror, time reversal (with the caption's motion word swapped) and translation.
+
+    video uint8 (B, 3, T, H, W), tokens (B, L); returns new tensors.
+    """
+    video, tokens = video.clone(), tokens.clone()
+    b, _, t, h, w = video.shape
+    straight = ~(tokens == model.index.get("diagonally", -1)).any(1)
+    mirror = (torch.rand(b, generator=gen) < 0.5) & straight
+    reverse = (torch.rand(b, generator=gen) < 0.5) & straight
+    video[mirror] = video[mirror].flip(-1)
+    tokens[mirror] = _swap_table(model.index, MIRROR_WORDS)[tokens[mirror]]
+    video[reverse] = video[reverse].flip(2)
+    tokens[reverse] = _swap_table(model.index, REVERSE_WORDS)[tokens[reverse]]
+    padded = F.pad(video.flatten(1, 2).float(), (MAX_SHIFT,) * 4, mode="replicate").to(torch.uint8)
+    dy, dx = torch.randint(0, 2 * MAX_SHIFT + 1, (2, b), generator=gen).tolist()
+    video = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+    return video.unflatten(1, (3, t)), tokens
+
+
+def caption_loss(model: Captioner, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                 ) -> tuple[torch.Tensor, dict]:
+    video, tokens, drop = batch
+    inputs = torch.where(drop, model.index[UNK], tokens)[:, :-1]
+    logits = model(video, inputs)  # predict word i+1 from words <= i
+    target = tokens[:, 1:]
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=model.index[PAD])
+    with torch.no_grad():
+        mask = target != model.index[PAD]
+        acc = ((logits.argmax(-1) == target) & mask).sum() / mask.sum()
+    return loss, {"token_acc": float(acc)}
+
+
+def train_captioner(
+    video: torch.Tensor,
+    captions: list[str],
+    cfg: CaptionConfig,
+    seed: int,
+    *,
+    device: str | torch.device = "cpu",
+    log: LogFn | None = None,
+    ckpt_dir: Path | None = None,
+) -> Captioner:
+    """Train on uint8 clips (N, 3, T, H, W) and their captions; returns the model in eval mode."""
+    if len(video) != len(captions) or not captions:
+        raise ValueError(f"need one caption per clip and at least one clip; got {len(video)} clips, "
+                         f"{len(captions)} captions: raise data.caption_fraction or data.num_videos")
+    torch.manual_seed(seed)
+    _, _, frames, size, _ = video.shape
+    model = Captioner(build_vocab(captions), cfg.width, cfg.layers, cfg.max_words, frames, size).to(device)
+    tokens = model.tokenize(captions)
+
+    def batch_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(video), (cfg.batch_size,), generator=gen)
+        clips, words = augment(model, video[idx], tokens[idx], gen)
+        drop = (torch.rand(words.shape, generator=gen) < WORD_DROPOUT) & (words > model.index[UNK])
+        return to_float(clips).to(device), words.to(device), drop.to(device)
+
+    digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+    spec = TrainSpec(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, weight_decay=0.01,
+                     grad_clip=1.0, seed=seed)
+    fit(model, caption_loss, batch_fn, spec, ckpt_dir=ckpt_dir, desc="captioner", log=log,
+        fingerprint_extra={"model": model.config, "data": digest, "n": len(captions)},
+        samples_per_batch=cfg.batch_size)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def corpus_bleu(references: list[str], hypotheses: list[str], max_n: int = 4) -> float:
+    """Corpus BLEU-n with one reference per hypothesis (Papineni et al. 2002), no smoothing."""
+    matches, totals = [0] * max_n, [0] * max_n
+    ref_len = hyp_len = 0
+    for ref, hyp in zip(references, hypotheses, strict=True):
+        r, h = ref.split(), hyp.split()
+        ref_len, hyp_len = ref_len + len(r), hyp_len + len(h)
+        for n in range(1, max_n + 1):
+            h_grams = Counter(tuple(h[i : i + n]) for i in range(len(h) - n + 1))
+            r_grams = Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1))
+            matches[n - 1] += sum(min(c, r_grams[g]) for g, c in h_grams.items())
+            totals[n - 1] += max(0, len(h) - n + 1)
+    if min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))
+    return brevity * math.exp(log_precision)
+
+
+def attribute_accuracy(captions: list[str], truth: list[dict]) -> dict[str, float]:
+    """Share of clips whose caption names each true attribute (speed: moving clips only)."""
+    parsed = [world.parse_caption(c) for c in captions]
+    acc = {}
+    for name in world.ATTRIBUTES:
+        pairs = [(p[name], t[name]) for p, t in zip(parsed, truth)
+                 if name != "speed" or t["motion"] != "still"]
+        acc[name] = sum(p == t for p, t in pairs) / max(1, len(pairs))
+    acc["mean"] = sum(acc.values()) / len(acc)
+    return acc
+
+
+def evaluate(captions: list[str], rows: list[dict]) -> dict[str, float]:
+    truth = [{k: r[k] for k in world.ATTRIBUTES} for r in rows]
+    out = {f"acc_{k}": v for k, v in attribute_accuracy(captions, truth).items()}
+    out["bleu4"] = corpus_bleu([world.caption(t) for t in truth], captions)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage
+# ----------------------------------------------------------------------------------------------
+
+
+def run_caption_stage(
+    clips_dir: Path,
+    captions_dir: Path,
+    model_dir: Path,
+    cfg: Config,
+    log: LogFn | None = None,
+    ckpt_dir: Path | None = None,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Train on the visible train captions, caption every other clip, write captions.csv."""
+    t0 = time.time()
+    clips: Clips = load_clips(clips_dir)
+    train = clips.indices("train", caption_visible=True)
+    model = train_captioner(clips.video[train], clips.column("caption", train), cfg.caption, cfg.seed,
+                            device=device, log=log, ckpt_dir=ckpt_dir)
+    train_seconds = time.time() - t0
+    save_captioner(model, Path(model_dir) / "captioner.pt")
+
+    generated = model.generate(clips.video)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["clip_id", "caption", "source"])
+    for row, text in zip(clips.rows, generated):
+        if row["caption_visible"]:
+            writer.writerow([row["clip_id"], row["caption"], "ground_truth"])
+        else:
+            writer.writerow([row["clip_id"], text, "captioner"])
+    atomic_write_text(Path(captions_dir) / "captions.csv", buf.getvalue())
+
+    metrics: dict[str, float] = {"train_clips": len(train), "vocab_size": len(model.vocab),
+                                 "train_seconds": round(train_seconds, 2)}
+    for split in ("val", "heldout"):
+        idx = clips.indices(split)
+        if idx:
+            scores = evaluate([generated[i] for i in idx], [clips.rows[i] for i in idx])
+            metrics.update({f"{split}_{k}": round(v, 4) for k, v in scores.items()})
+    metrics["seconds"] = round(time.time() - t0, 2)
+    return metrics

@@ -1,0 +1,86 @@
+"""Encode once, train many times: clips -> normalised VAE latents, captions -> MiniLM token states.
+
+Writes `latents.pt` (posterior means, normalised with the VAE's measured per-channel stats) and
+`text.pt` (unique captions, index 0 the empty caption used for classifier-free guidance), as
+docs/architecture.md specifies.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from components.checkpoint import atomic_torch_save
+from components.config import Config
+from components.text_encoder import TextEncoder
+from components.trainer import LogFn
+from components.vae import EVAL_BATCH, load_vae, to_unit
+
+
+def read_captions(captions_dir: Path) -> dict[str, str]:
+    """clip_id -> caption from `captions.csv`."""
+    path = Path(captions_dir) / "captions.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the caption stage first")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"clip_id", "caption"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path} lacks columns {sorted(missing)}: expected clip_id, caption, source")
+        return {row["clip_id"]: (row["caption"] or "").strip() for row in reader}
+
+
+@torch.no_grad()
+def encode_latents(vae, video: torch.Tensor, device: torch.device | str,
+                   batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """uint8 (N, 3, T, H, W) -> normalised posterior means float32 (N, c, t, h, w) on CPU."""
+    out = []
+    for i in range(0, len(video), batch_size):
+        mu, _ = vae.encode(to_unit(video[i:i + batch_size]).to(device))
+        out.append(vae.normalize(mu).float().cpu())
+    return torch.cat(out)
+
+
+def run_encode(clips_dir: Path, captions_dir: Path, vae_path: Path, out_dir: Path, cfg: Config,
+               log: LogFn | None = None, device: torch.device | str = "cpu") -> dict:
+    from components.clips import load_clips  # the prepare stage's reader
+
+    t0 = time.time()
+    clips = load_clips(Path(clips_dir))
+    captions = read_captions(Path(captions_dir))
+    clip_ids = [r["clip_id"] for r in clips.rows]
+    texts = [captions.get(c, "") for c in clip_ids]
+    unique = [""] + sorted({t for t in texts if t})
+    index = {t: i for i, t in enumerate(unique)}
+
+    vae = load_vae(vae_path, device)
+    latents = encode_latents(vae, clips.video, device)  # (N, c, t, h, w)
+    encoder = TextEncoder(cfg.text.max_tokens, device)
+    tokens, mask = encoder.encode(unique)  # (U, L, 384), (U, L)
+
+    out_dir = Path(out_dir)
+    atomic_torch_save({
+        "latents": latents,
+        "clip_id": clip_ids,
+        "caption_index": torch.tensor([index[t] for t in texts], dtype=torch.int64),
+        "split": [r["split"] for r in clips.rows],
+    }, out_dir / "latents.pt")
+    atomic_torch_save({
+        "captions": unique,
+        "tokens": tokens.to(torch.float16).cpu(),
+        "mask": mask.cpu(),
+    }, out_dir / "text.pt")
+    metrics = {
+        "clips": len(clip_ids),
+        "uncaptioned_clips": sum(1 for t in texts if not t),
+        "unique_captions": len(unique),
+        "latent_mean_abs": float(latents.mean().abs()),
+        "latent_std": float(latents.std()),
+        "seconds": time.time() - t0,
+    }
+    if log is not None:
+        log(0, metrics)
+    return metrics

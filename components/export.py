@@ -1,0 +1,240 @@
+"""Export the serving bundle: three ONNX graphs, the tokenizer and `bundle.json`.
+
+`text_encoder.onnx` (input_ids, attention_mask -> tokens), `dit.onnx` (one velocity evaluation:
+x, t, ctx, ctx_mask -> v) and `vae_decoder.onnx` (z -> video), names as docs/architecture.md
+fixes them. The sampling loop is not exported: it is a few lines of numpy in
+`components/onnx_runtime.py`, sharing `components/schedule.py` with PyTorch.
+
+Each graph is exported with the dynamo exporter first (it worked in calibration), the
+TorchScript exporter if that fails, then checked against PyTorch in ONNX Runtime (CPU) at a batch
+size never seen at export. The bundle is written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.config import Config
+from components.dit import DiT, load_dit
+from components.text_encoder import TOKENIZER_FILES, TEXT_DIM, TextEncoder, model_path
+from components.vae import VideoVAE, load_vae
+
+EXPORT_BATCH = 2  # example batch at export; parity runs at PARITY_BATCH to prove the axis is dynamic
+PARITY_BATCH = 3
+
+
+class VAEDecoder(nn.Module):
+    """z (B, c, t, h, w), denormalised -> video (B, 3, T, H, W) in [-1, 1]."""
+
+    def __init__(self, vae: VideoVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export and parity helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[str],
+                output_names: list[str], dynamic: dict[str, dict[int, str]], opset: int) -> str:
+    """Export `module(*args)` to `path`; -> the exporter that succeeded ("dynamo" or "torchscript").
+
+    `dynamic` maps input names to {axis: name}; output axes follow from the graph (dynamo) or
+    are declared batch-only (TorchScript).
+    """
+    module = module.eval()
+    errors = []
+    try:
+        dyn_shapes = {name: {axis: torch.export.Dim.AUTO for axis in axes} for name, axes in dynamic.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
+                                     input_names=input_names, output_names=output_names,
+                                     dynamic_shapes=dyn_shapes, verbose=False)
+        prog.save(str(path))
+        return "dynamo"
+    except Exception as exc:  # noqa: BLE001 - any exporter failure falls back to TorchScript
+        errors.append(f"dynamo: {type(exc).__name__}: {str(exc)[:300]}")
+    try:
+        axes = dict(dynamic)
+        axes.update({name: {0: "batch"} for name in output_names})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
+                              input_names=input_names, output_names=output_names,
+                              dynamic_axes=axes)
+        return "torchscript"
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"torchscript: {type(exc).__name__}: {str(exc)[:300]}")
+    raise RuntimeError(f"ONNX export of {path.name} failed with both exporters: " + " | ".join(errors))
+
+
+def parity(path: Path, module: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+    """Max |ONNX Runtime (CPU) - PyTorch| on `inputs`."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    feeds = {k: v.cpu().numpy() for k, v in inputs.items()}
+    (got,) = sess.run(None, feeds)
+    with torch.no_grad():
+        want = module(*inputs.values()).cpu().numpy()
+    if got.shape != want.shape:
+        raise RuntimeError(f"{path.name}: ONNX output shape {got.shape} != PyTorch {want.shape}")
+    return float(np.abs(got - want).max())
+
+
+def _dit_inputs(dit: DiT, batch: int, latent: tuple[int, int, int, int], max_tokens: int,
+                gen: torch.Generator) -> dict[str, torch.Tensor]:
+    mask = torch.zeros(batch, max_tokens, dtype=torch.bool)
+    for i in range(batch):
+        mask[i, : 2 + (3 * i) % (max_tokens - 1)] = True
+    return {
+        "x": torch.randn(batch, *latent, generator=gen),
+        "t": torch.rand(batch, generator=gen),
+        "ctx": torch.randn(batch, max_tokens, TEXT_DIM, generator=gen),
+        "ctx_mask": mask,
+    }
+
+
+def _with_timing(fn: Callable[[], str]) -> tuple[str, float]:
+    t0 = time.time()
+    out = fn()
+    return out, time.time() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# Graphs
+# ----------------------------------------------------------------------------------------------
+
+
+def export_dit(dit: DiT, path: Path, latent: tuple[int, int, int, int], max_tokens: int,
+               opset: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    args = _dit_inputs(dit, EXPORT_BATCH, latent, max_tokens, gen)
+    dynamic = {"x": {0: "batch", 2: "t", 3: "h", 4: "w"}, "t": {0: "batch"}, "ctx": {0: "batch"},
+               "ctx_mask": {0: "batch"}}
+    exporter, seconds = _with_timing(lambda: onnx_export(
+        dit, tuple(args.values()), path, list(args), ["v"], dynamic, opset))
+    diff = parity(path, dit, _dit_inputs(dit, PARITY_BATCH, latent, max_tokens, gen))
+    out = {"exporter": exporter, "seconds": seconds, "max_abs_diff": diff}
+    c, t, h, w = latent
+    pt = dit.patch[0]
+    if t > pt:  # a shorter clip proves the time axis is dynamic too (the service may ask for it)
+        try:
+            short = (c, t - pt, h, w)
+            out["max_abs_diff_short"] = parity(path, dit, _dit_inputs(dit, PARITY_BATCH, short, max_tokens, gen))
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal: batch is what serving needs
+            out["dynamic_time_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return out
+
+
+def export_vae_decoder(vae: VideoVAE, path: Path, latent: tuple[int, int, int, int], opset: int) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    decoder = VAEDecoder(vae).eval()
+    z = torch.randn(EXPORT_BATCH, *latent, generator=gen) * vae.latent_std.view(1, -1, 1, 1, 1).cpu()
+    dynamic = {"z": {0: "batch", 2: "t"}}
+    exporter, seconds = _with_timing(lambda: onnx_export(decoder, (z,), path, ["z"], ["video"], dynamic, opset))
+    z2 = torch.randn(PARITY_BATCH, *latent, generator=gen) * vae.latent_std.view(1, -1, 1, 1, 1).cpu()
+    return {"exporter": exporter, "seconds": seconds, "max_abs_diff": parity(path, decoder, {"z": z2})}
+
+
+def export_text_encoder(text: TextEncoder, path: Path, opset: int) -> dict:
+    ids, mask = text.tokenize(["a red circle", "a small blue square moving left slowly"])
+    dynamic = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}}
+    exporter, seconds = _with_timing(lambda: onnx_export(
+        text.model, (ids, mask), path, ["input_ids", "attention_mask"], ["tokens"], dynamic, opset))
+    ids3, mask3 = text.tokenize(["", "a large white triangle staying still on a noise background",
+                                 "green circle up"])
+    diff = parity(path, text.model, {"input_ids": ids3, "attention_mask": mask3})
+    return {"exporter": exporter, "seconds": seconds, "max_abs_diff": diff}
+
+
+# ----------------------------------------------------------------------------------------------
+# Bundle
+# ----------------------------------------------------------------------------------------------
+
+
+def bundle_metadata(vae: VideoVAE, dit: DiT, cfg: Config) -> dict:
+    """`bundle.json`: everything `components/onnx_runtime.BundleInfo` needs to sample as PyTorch does."""
+    return {
+        "latent_channels": vae.cfg.latent_channels,
+        "latent_mean": [float(v) for v in vae.latent_mean.cpu()],
+        "latent_std": [float(v) for v in vae.latent_std.cpu()],
+        "time_down": vae.cfg.time_down,
+        "space_down": vae.cfg.space_down,
+        "frames": cfg.data.frames,
+        "max_frames": cfg.data.frames,
+        "size": cfg.data.size,
+        "fps": cfg.data.fps,
+        "max_tokens": cfg.text.max_tokens,
+        "sample": {"steps": cfg.sample.steps, "guidance": cfg.sample.guidance,
+                   "sampler": cfg.sample.sampler},
+        # No fixed shift: schedule.token_shift(latent tokens), tokens = t*h*w / prod(patch).
+        "shift": None,
+        "shift_rule": "schedule.token_shift(num_tokens)",
+        "patch": list(dit.patch),
+        "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 last hidden states",
+    }
+
+
+def export_bundle(vae_path: str | Path, dit_path: str | Path, out_dir: str | Path, cfg: Config) -> dict:
+    """Write the ONNX bundle to `out_dir` (atomically) and return per-graph parity and timings."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    device = "cpu"  # export and parity run on CPU: ONNX Runtime's CPU provider is the reference
+    vae = load_vae(vae_path, device)
+    dit = load_dit(dit_path, device)
+    text = TextEncoder(cfg.text.max_tokens, device)
+    latent = vae.latent_shape(cfg.data.frames, cfg.data.size, cfg.data.size)
+    opset = cfg.export.opset
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        graphs = {
+            "text_encoder": export_text_encoder(text, tmp / "text_encoder.onnx", opset),
+            "dit": export_dit(dit, tmp / "dit.onnx", latent, cfg.text.max_tokens, opset),
+            "vae_decoder": export_vae_decoder(vae, tmp / "vae_decoder.onnx", latent, opset),
+        }
+        src = model_path()
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, tmp / name)
+        meta = bundle_metadata(vae, dit, cfg)
+        (tmp / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for f in tmp.glob("*.onnx.data"):  # external weights would break the single-file contract
+            raise RuntimeError(f"{f.name}: exporter wrote external data; the bundle expects single files")
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sizes = {p.name: p.stat().st_size for p in out_dir.glob("*.onnx")}
+    return {
+        "max_abs_diff": {k: v["max_abs_diff"] for k, v in graphs.items()},
+        "graphs": graphs,
+        "bytes": sizes,
+        "opset": opset,
+        "seconds": time.time() - t0,
+    }

@@ -1,0 +1,198 @@
+"""Raw videos -> training clips: decode, resample, resize, crop, shard, and quarantine the broken.
+
+Reads `raw_dir/metadata.jsonl`, decodes every listed video in `cfg.workers` processes, and
+writes `shard-NNNNN.pt` (`{"video": uint8 (N, 3, T, H, W), "clip_id": [str]}`),
+`manifest.csv` (one row per clip, in shard order) and `quarantine.json` (each unusable file with
+its reason) to `out_dir`. Splits: "heldout" stays; a `val_fraction` share of the train videos
+becomes "val", drawn from the metadata (not from the files that decoded), so one broken file
+never moves other clips between splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import multiprocessing
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from components.config import DataConfig
+from components.video_io import read_clip
+
+METADATA_KEYS = ("id", "file", "color", "shape", "motion", "speed", "size", "background",
+                 "caption", "split", "caption_visible", "fps", "frames", "width", "height")
+MANIFEST_COLUMNS = ("clip_id", "source", "shard", "index", "frames", "height", "width", "fps",
+                    "split", "caption", "caption_visible", "color", "shape", "motion", "speed",
+                    "size", "background", "motion_score", "mean", "std")
+
+
+class TooManyBadFiles(RuntimeError):
+    """More input videos were unusable than `data.max_bad_fraction` allows."""
+
+
+# ----------------------------------------------------------------------------------------------
+# One clip (runs in worker processes: keep torch out of this module's imports)
+# ----------------------------------------------------------------------------------------------
+
+
+def resize_crop(frame: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3): area-resize the short side to `size`, centre-crop."""
+    h, w = frame.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        # BOX averages every source pixel under a target pixel: area resampling, no aliasing.
+        frame = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.BOX))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return frame[top : top + size, left : left + size]
+
+
+def load_clip(path: Path, frames: int, fps: int, size: int) -> np.ndarray:
+    """Decode one video to uint8 (3, T, H, W) at `fps`; ValueError with the reason if unusable."""
+    if not path.exists():
+        raise ValueError("missing file")
+    if path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        video, src_fps = read_clip(path)
+    except Exception as exc:  # PyAV raises many error types for corrupt input
+        raise ValueError(f"undecodable: {type(exc).__name__}: {exc}") from None
+    # The nearest source frame to each target time i / fps.
+    index = np.round(np.arange(frames) * src_fps / fps).astype(int)
+    if index[-1] >= len(video):
+        raise ValueError(f"too short: {len(video)} frames at {src_fps:g} fps, need "
+                         f"{frames} frames at {fps} fps")
+    clip = np.stack([resize_crop(video[i], size) for i in index])  # (T, H, W, 3)
+    return np.ascontiguousarray(clip.transpose(3, 0, 1, 2))
+
+
+def _load_job(job: tuple[str, int, int, int]) -> tuple[np.ndarray | None, str]:
+    path, frames, fps, size = job
+    try:
+        return load_clip(Path(path), frames, fps, size), ""
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def clip_stats(clip: np.ndarray) -> dict[str, float]:
+    """motion_score (mean absolute frame difference), mean and std, all on a [0, 1] scale."""
+    x = clip.astype(np.float32) / 255.0  # (3, T, H, W)
+    return {
+        "motion_score": round(float(np.abs(np.diff(x, axis=1)).mean()), 6),
+        "mean": round(float(x.mean()), 6),
+        "std": round(float(x.std()), 6),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The data set
+# ----------------------------------------------------------------------------------------------
+
+
+def read_metadata(raw_dir: Path) -> list[dict]:
+    path = Path(raw_dir) / "metadata.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the synth stage first")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n} is not valid JSON ({exc}): rerun the synth stage") from None
+        missing = [k for k in METADATA_KEYS if k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{n} lacks {', '.join(missing)}: rerun the synth stage")
+        records.append(rec)
+    if not records:
+        raise ValueError(f"{path} lists no videos: rerun the synth stage")
+    return records
+
+
+def assign_splits(records: list[dict], val_fraction: float, seed: int) -> dict[str, str]:
+    """clip id -> train | val | heldout, deterministic in (ids, seed)."""
+    train = sorted(r["id"] for r in records if r["split"] == "train")
+    val = set(random.Random(seed + 1).sample(train, int(round(val_fraction * len(train)))))
+    return {r["id"]: "val" if r["id"] in val else r["split"] for r in records}
+
+
+def _decode_all(jobs: list[tuple[str, int, int, int]], workers: int) -> list[tuple[np.ndarray | None, str]]:
+    if workers <= 1:
+        return [_load_job(j) for j in jobs]
+    # spawn, not fork: the calling process may hold threads (MLflow, torch) that fork would copy.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return pool.map(_load_job, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+
+
+def prepare(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int) -> dict:
+    """Decode, normalise and shard every video in `raw_dir`; return a summary."""
+    # Imported here: spawned workers import this module, and torch takes ~3 s to import.
+    import torch
+
+    from components.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text
+
+    t0 = time.time()
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    records = read_metadata(raw_dir)
+    splits = assign_splits(records, cfg.val_fraction, seed)
+    jobs = [(str(raw_dir / r["file"]), cfg.frames, cfg.fps, cfg.size) for r in records]
+    results = _decode_all(jobs, cfg.workers)
+
+    good, quarantine = [], []
+    for rec, (clip, reason) in zip(records, results):
+        if clip is None:
+            quarantine.append({"id": rec["id"], "path": rec["file"], "reason": reason})
+        else:
+            good.append((rec, clip))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "quarantine.json", quarantine)
+    bad_fraction = len(quarantine) / len(records)
+    if bad_fraction > cfg.max_bad_fraction:
+        examples = "; ".join(f"{q['path']}: {q['reason']}" for q in quarantine[:3])
+        raise TooManyBadFiles(
+            f"{len(quarantine)} of {len(records)} videos in {raw_dir} are unusable "
+            f"({bad_fraction:.0%} > data.max_bad_fraction={cfg.max_bad_fraction}), e.g. {examples}. "
+            f"See {out_dir / 'quarantine.json'}; fix or regenerate the raw data, or raise "
+            f"data.max_bad_fraction"
+        )
+
+    rows, shards = [], []
+    for start in range(0, len(good), cfg.shard_size):
+        part = good[start : start + cfg.shard_size]
+        name = f"shard-{len(shards):05d}.pt"
+        video = torch.from_numpy(np.stack([clip for _, clip in part]))  # (N, 3, T, H, W)
+        atomic_torch_save({"video": video, "clip_id": [r["id"] for r, _ in part]}, out_dir / name)
+        shards.append(name)
+        for index, (rec, clip) in enumerate(part):
+            visible = bool(rec["caption_visible"])
+            rows.append({
+                "clip_id": rec["id"], "source": rec["file"], "shard": name, "index": index,
+                "frames": clip.shape[1], "height": clip.shape[2], "width": clip.shape[3],
+                "fps": cfg.fps, "split": splits[rec["id"]],
+                "caption": rec["caption"] if visible else "", "caption_visible": visible,
+                **{k: rec[k] for k in ("color", "shape", "motion", "speed", "size", "background")},
+                **clip_stats(clip),
+            })
+    for stale in set(p.name for p in out_dir.glob("shard-*.pt")) - set(shards):
+        (out_dir / stale).unlink()  # left by an earlier run with more clips
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "manifest.csv", buf.getvalue())
+
+    seconds = time.time() - t0
+    return {
+        "clips": len(rows),
+        "quarantined": len(quarantine),
+        "shards": len(shards),
+        **{f"clips_{s}": sum(r["split"] == s for r in rows) for s in ("train", "val", "heldout")},
+        "seconds": round(seconds, 2),
+        "clips_per_s": round(len(rows) / seconds, 1),
+    }

@@ -1,0 +1,77 @@
+"""The re-captioner: it learns, BLEU-4 is right, and the stage captions every clip."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import pytest
+import torch
+
+from components import world
+from components.captioner import (Captioner, build_vocab, caption_loss, corpus_bleu, load_captioner,
+                                  run_caption_stage, train_captioner)
+from components.config import CaptionConfig, Config, DataConfig
+from components.prepare import prepare
+from components.synth import generate
+
+DATA = DataConfig(num_videos=50, raw_size=32, size=16, frames=9, caption_fraction=0.5,
+                  val_fraction=0.1, shard_size=32, workers=1)
+CAPTION = CaptionConfig(width=16, layers=1, steps=4, batch_size=8, warmup=0, lr=3e-3)
+
+
+def test_corpus_bleu():
+    corpus = [world.caption({"size": "small", "color": "red", "shape": "circle", "motion": m,
+                             "speed": "fast", "background": "black"}) for m in world.MOTIONS]
+    assert corpus_bleu(corpus, corpus) == pytest.approx(1.0)
+    assert corpus_bleu(corpus, ["a blue square"] * len(corpus)) == 0.0
+    # Shorter hypotheses pay the brevity penalty even when every n-gram matches.
+    shorter = [" ".join(c.split()[:-1]) for c in corpus]
+    assert 0 < corpus_bleu(corpus, shorter) < 1
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    captions = [world.caption({"size": s, "color": c, "shape": "square", "motion": "left",
+                               "speed": "slow", "background": "grey"})
+                for s in world.SIZES for c in ("red", "blue")]
+    model = Captioner(build_vocab(captions), width=16, layers=1, max_words=16, frames=5, size=16)
+    video = torch.randn(len(captions), 3, 5, 16, 16)
+    tokens = model.tokenize(captions)
+    batch = (video, tokens, torch.zeros_like(tokens, dtype=torch.bool))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss, _ = caption_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_tokenize_rejects_long_captions():
+    model = Captioner(build_vocab(["a red circle"]), width=16, layers=1, max_words=2, frames=5, size=16)
+    with pytest.raises(ValueError, match="caption.max_words"):
+        model.tokenize(["a red circle"])
+
+
+def test_caption_stage_captions_every_clip(tmp_path):
+    generate(tmp_path / "raw", DATA, 0)
+    prepare(tmp_path / "raw", tmp_path / "clips", DATA, 0)
+    cfg = dataclasses.replace(Config(), data=DATA, caption=CAPTION)
+    logged = []
+    metrics = run_caption_stage(tmp_path / "clips", tmp_path / "captions", tmp_path / "model", cfg,
+                                log=lambda step, m: logged.append(step), ckpt_dir=tmp_path / "ckpt")
+    rows = list(csv.DictReader(open(tmp_path / "captions" / "captions.csv")))
+    manifest = list(csv.DictReader(open(tmp_path / "clips" / "manifest.csv")))
+    assert [r["clip_id"] for r in rows] == [m["clip_id"] for m in manifest]
+    for r, m in zip(rows, manifest):
+        assert r["source"] == ("ground_truth" if m["caption_visible"] == "True" else "captioner")
+        if r["source"] == "ground_truth":
+            assert r["caption"] == m["caption"]
+    assert logged and logged[-1] == CAPTION.steps
+    for key in ("val_acc_color", "val_acc_mean", "val_bleu4", "heldout_acc_shape", "heldout_bleu4"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    model = load_captioner(tmp_path / "model" / "captioner.pt")
+    assert len(model.generate(torch.zeros(2, 3, 9, 16, 16, dtype=torch.uint8))) == 2

@@ -1,0 +1,160 @@
+"""ONNX Runtime pipeline on a really exported tiny bundle: providers, determinism, errors, parity.
+
+`export_tiny_bundle` writes random-initialised tiny VAE and DiT checkpoints in the checkpoint
+format and runs the real `components.export.export_bundle` on them (about a minute: MiniLM goes
+through the dynamo exporter). It runs once per test session; test_serving.py reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.onnx_runtime import OnnxT2V, available_providers, has_gpu
+
+TINY = dict(frames=9, size=16, fps=8, max_tokens=16)
+PROMPTS, SEEDS = ["a red circle moving left", "a small blue square"], [7, 3]
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModels:
+    vae: Path
+    dit: Path
+    bundle: Path
+    max_tokens: int
+
+
+@functools.cache
+def export_tiny_bundle(root: Path) -> TinyModels:
+    from components.checkpoint import save_model
+    from components.config import Config, DataConfig, SampleConfig, TextConfig, VAEConfig
+    from components.dit import DiT, DiTSpec, dit_config_dict
+    from components.export import export_bundle
+    from components.vae import VideoVAE
+
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = Config(
+        data=DataConfig(size=TINY["size"], frames=TINY["frames"], fps=TINY["fps"]),
+        text=TextConfig(max_tokens=TINY["max_tokens"]),
+        vae=VAEConfig(base_channels=8, latent_channels=4, time_down=4, space_down=4),
+        sample=SampleConfig(steps=3, guidance=3.0, sampler="euler"),
+    )
+    vae = VideoVAE(cfg.vae)
+    save_model(root / "vae.pt", "vae", dataclasses.asdict(cfg.vae), vae.state_dict(),
+               latent_mean=[0.1, -0.2, 0.0, 0.3], latent_std=[0.5, 1.5, 1.0, 0.8],
+               data={k: TINY[k] for k in ("frames", "size", "fps")})
+    spec = DiTSpec(in_channels=4, dim=32, depth=1, heads=2, mlp_ratio=2.0, patch_t=1, patch_h=2, patch_w=2)
+    dit = DiT(spec)
+    with torch.no_grad():  # adaLN-Zero starts at v = 0 whatever the prompt: wake every weight
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_model(root / "dit.pt", "dit", dit_config_dict(spec, cfg.dit), dit.state_dict())
+    export_bundle(root / "vae.pt", root / "dit.pt", root / "onnx", cfg)
+    return TinyModels(root / "vae.pt", root / "dit.pt", root / "onnx", TINY["max_tokens"])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> TinyModels:
+    return export_tiny_bundle(tmp_path_factory.getbasetemp() / "tiny-export")
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny) -> OnnxT2V:
+    return OnnxT2V(tiny.bundle)
+
+
+@pytest.fixture(scope="module")
+def torch_pipeline(tiny):
+    from components.generate import T2VPipeline
+
+    return T2VPipeline.from_paths(tiny.vae, tiny.dit, tiny.max_tokens, "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Providers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_providers_are_cpu_only_without_a_gpu(runtime):
+    if has_gpu():
+        pytest.skip("this machine has a GPU")
+    assert available_providers() == ["CPUExecutionProvider"]
+    assert runtime.provider == "CPUExecutionProvider"
+
+
+def test_providers_without_gpu_preference_are_cpu():
+    assert available_providers(prefer_gpu=False) == ["CPUExecutionProvider"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_video_has_the_bundle_shape(runtime):
+    video = runtime.generate(PROMPTS[0], seed=0)
+    assert video.dtype == np.uint8
+    assert video.shape == (TINY["frames"], TINY["size"], TINY["size"], 3)
+    assert runtime.generate(PROMPTS[0], seed=0, num_frames=5, sampler="heun").shape == (5, 16, 16, 3)
+    assert runtime.limits.allowed_frames() == [1, 5, 9]
+
+
+def test_same_seed_same_video_and_different_seeds_differ(runtime):
+    a = runtime.generate(PROMPTS[1], seed=7)
+    np.testing.assert_array_equal(a, runtime.generate(PROMPTS[1], seed=7))
+    assert not np.array_equal(a, runtime.generate(PROMPTS[1], seed=8))
+    assert not np.array_equal(a, runtime.generate(PROMPTS[0], seed=7))
+
+
+def test_batch_reproduces_single_videos(runtime):
+    batch = runtime.generate_batch(PROMPTS, SEEDS)
+    for video, prompt, seed in zip(batch, PROMPTS, SEEDS):
+        assert np.abs(video.astype(int) - runtime.generate(prompt, seed=seed)).max() <= 1
+
+
+@pytest.mark.parametrize("sampler, guidance", [("euler", 3.0), ("heun", 4.5), ("euler", 1.0)])
+def test_matches_the_pytorch_pipeline(runtime, torch_pipeline, sampler, guidance):
+    """Same noise, schedule, shift, guidance and integrator as `components.generate`."""
+    want = torch_pipeline.generate(PROMPTS, SEEDS, steps=3, guidance=guidance, sampler=sampler)
+    got = runtime.generate_batch(PROMPTS, SEEDS, steps=3, guidance=guidance, sampler=sampler)
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_tokenizer_matches_the_pytorch_text_encoder(runtime, torch_pipeline):
+    texts = ["", "a red circle moves left", "a very long caption " * 20, "Ünïcode, CAPS & dashes — ok"]
+    ids, mask = torch_pipeline.text.tokenize(texts)
+    got_ids, got_mask = runtime.tokenize(texts)
+    np.testing.assert_array_equal(got_ids, ids.numpy())
+    np.testing.assert_array_equal(got_mask, mask.numpy())
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_frames", [0, 4, 8, 13, 1000, "9", 9.0])
+def test_bad_num_frames_raises_naming_it(runtime, num_frames):
+    with pytest.raises(ValueError, match="num_frames"):
+        runtime.generate("x", num_frames=num_frames)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"steps": 0}, "steps"), ({"guidance": -1.0}, "guidance"), ({"sampler": "ddim"}, "sampler"),
+    ({"seed": -1}, "seed"),
+])
+def test_bad_arguments_raise_naming_them(runtime, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        runtime.generate("x", **kwargs)
+
+
+def test_missing_bundle_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dit.onnx"):
+        OnnxT2V(tmp_path)
