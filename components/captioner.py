@@ -4,9 +4,9 @@ Only a `data.caption_fraction` share of the training clips come with a caption. 
 video-to-text model learns from those and captions every other clip, so the text-to-video model
 trains on a caption for every clip (DALL-E 3 / Sora "re-captioning").
 
-Model: a 3D-conv encoder turns a clip into spacetime tokens (B, N, D); a small autoregressive
-transformer decoder over a word vocabulary (built from the training captions) cross-attends to
-them. Greedy decoding. Evaluation parses captions back into attributes (`world.parse_caption`)
+Model: a conv encoder (2D per frame, then 3D) turns a clip into spacetime tokens (B, N, D); a
+small autoregressive transformer decoder over a word vocabulary (built from the training
+captions) cross-attends to them. Greedy decoding. Evaluation parses captions back into attributes (`world.parse_caption`)
 and scores corpus BLEU-4 against the canonical captions.
 """
 
@@ -57,10 +57,11 @@ class VideoEncoder(nn.Module):
 
     def __init__(self, width: int, frames: int, size: int):
         super().__init__()
-        c = max(8, width // 4)
+        c = max(8, width // 2)
         self.frame = nn.Sequential(
-            nn.Conv2d(3, c, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),  # (BT, c, H/2, W/2)
-            nn.Conv2d(c, width, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),  # (BT, w, H/4, W/4)
+            nn.Conv2d(3, c, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),  # (Bt, c, H/2, W/2)
+            nn.Conv2d(c, width, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),  # (Bt, w, H/4, W/4)
+            nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
         )
         self.spacetime = nn.Sequential(
             nn.Conv3d(width, width, 3, stride=(1, 2, 2), padding=1), nn.GELU(),  # (B, w, t, H/8, W/8)
@@ -71,13 +72,16 @@ class VideoEncoder(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, n, width) * 0.02)
         self.norm = nn.LayerNorm(width)
 
-    def grid(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, T, H, W) -> feature grid (B, w, t, h, w')."""
+    def frame_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) -> per-frame feature maps (B, w, t, H/4, W/4) of every fourth frame."""
         x = x[:, :, ::FRAME_STEP]  # the object moves 3-6 pixels between kept frames
         b, c, t, h, w = x.shape
         f = self.frame(x.transpose(1, 2).reshape(b * t, c, h, w))  # (Bt, w, H/4, W/4)
-        f = f.reshape(b, t, *f.shape[1:]).transpose(1, 2)  # (B, w, t, H/4, W/4)
-        return self.spacetime(f)
+        return f.reshape(b, t, *f.shape[1:]).transpose(1, 2)
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) -> spacetime feature grid (B, w, t, H/8, W/8)."""
+        return self.spacetime(self.frame_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.grid(x).flatten(2).transpose(1, 2)  # (B, N, w)

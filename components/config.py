@@ -60,7 +60,6 @@ class CaptionConfig:
     lr: float = 2e-3
     warmup: int = 50
     max_words: int = 24
-    min_attribute_accuracy: float = 0.8  # gate: captioner must parse back this share of attributes
 
     def validate(self) -> None:
         _check(self.steps > 0, "caption.steps", self.steps, "use a positive number of steps")

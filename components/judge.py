@@ -24,27 +24,37 @@ from components.trainer import LogFn, TrainSpec, fit
 NOISE_MAX = 0.06  # largest additive noise std, on the [-1, 1] scale
 
 
+# Heads that read what a single frame shows; motion and speed read the spacetime features.
+# Keeping them apart stops the shape head from guessing the shape from colour and motion
+# (held-out triples make those correlated in training) instead of learning to see it.
+APPEARANCE = ("color", "shape", "size", "background")
+
+
 class Judge(nn.Module):
     def __init__(self, width: int, frames: int, size: int, attributes: list[str]):
         super().__init__()
         self.config = dict(width=width, frames=frames, size=size, attributes=list(attributes))
         self.attributes = list(attributes)
         self.encoder = VideoEncoder(width, frames, size)
-        self.mlp = nn.Sequential(nn.Linear(2 * width, 2 * width), nn.GELU())
-        self.heads = nn.ModuleDict({a: nn.Linear(2 * width, len(world.ATTRIBUTES[a])) for a in attributes})
+        self.appearance = nn.Sequential(nn.Linear(width, width), nn.GELU())
+        self.motion = nn.Sequential(nn.Linear(2 * width, width), nn.GELU())
+        self.heads = nn.ModuleDict({a: nn.Linear(width, len(world.ATTRIBUTES[a])) for a in attributes})
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """float (B, 3, T, H, W) in [-1, 1] -> features (B, 2w).
+        """float (B, 3, T, H, W) in [-1, 1] -> features (B, 2w): appearance, then motion.
 
         Max-pooling over space and time: "is this pattern anywhere in the clip" is what shape,
         colour and motion detectors need.
         """
-        grid = self.encoder.grid(x).flatten(2)  # (B, w, N)
-        return self.mlp(torch.cat([grid.mean(-1), grid.amax(-1)], -1))
+        frames = self.encoder.frame_features(x)  # (B, w, t, h, w')
+        grid = self.encoder.spacetime(frames).flatten(2)  # (B, w, N)
+        appearance = self.appearance(frames.amax((2, 3, 4)))
+        motion = self.motion(torch.cat([grid.mean(-1), grid.amax(-1)], -1))
+        return torch.cat([appearance, motion], -1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.embed(x)
-        return {a: head(h) for a, head in self.heads.items()}  # name -> (B, classes)
+        appearance, motion = self.embed(x).chunk(2, dim=-1)
+        return {a: head(appearance if a in APPEARANCE else motion) for a, head in self.heads.items()}
 
     @property
     def device(self) -> torch.device:

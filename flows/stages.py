@@ -47,7 +47,7 @@ def prepare(project: Project, cfg: Config, log) -> dict:
     import mlflow
 
     from components.prepare import prepare as prepare_clips
-    from flows.validation import ValidationFailed, validate_manifest
+    from flows.validation import validate_manifest
 
     out = _fresh(project.path("data/clips"))
     summary = prepare_clips(project.path("data/raw"), out, cfg.data, cfg.seed)
@@ -61,7 +61,6 @@ def prepare(project: Project, cfg: Config, log) -> dict:
         if (out / "data_docs").exists():
             mlflow.log_artifacts(str(out / "data_docs"), "data/data_docs")
     summary["validation_passed"] = float(bool(result.get("success", True)))
-    _ = ValidationFailed
     return summary
 
 

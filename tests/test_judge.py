@@ -26,9 +26,9 @@ def _videos(n: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, list[str]]]:
 
 
 def test_a_few_steps_lower_the_loss_and_predict_valid_words(tmp_path):
-    videos, labels = _videos(24)
+    videos, labels = _videos(16)
     logged = []
-    cfg = EvalConfig(judge_steps=25, judge_batch_size=12, judge_width=16, judge_lr=3e-3)
+    cfg = EvalConfig(judge_steps=15, judge_batch_size=8, judge_width=16, judge_lr=3e-3)
     judge = train_judge(videos, labels, cfg, seed=0, log=lambda s, m: logged.append(m["loss"]))
     assert logged[-1] < logged[0]
     pred = judge.predict(videos[:5])
