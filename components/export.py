@@ -12,6 +12,7 @@ size never seen at export. The bundle is written to a temporary folder and renam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -154,11 +155,29 @@ def export_vae_decoder(vae: VideoVAE, path: Path, latent: tuple[int, int, int, i
     return {"exporter": exporter, "seconds": seconds, "max_abs_diff": parity(path, decoder, {"z": z2})}
 
 
-def export_text_encoder(text: TextEncoder, path: Path, opset: int) -> dict:
+def _text_cache_key(opset: int, max_tokens: int) -> str:
+    """The frozen encoder's graph depends only on these (weights file, exporter, shapes)."""
+    weights = model_path() / "model.safetensors"
+    blob = f"{torch.__version__}|{opset}|{max_tokens}|{weights.stat().st_size}|{Path(__file__).stat().st_size}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def export_text_encoder(text: TextEncoder, path: Path, opset: int, cache_dir: Path | None = None) -> dict:
+    """Export MiniLM; with `cache_dir`, reuse an earlier export of the same frozen graph."""
     ids, mask = text.tokenize(["a red circle", "a small blue square moving left slowly"])
     dynamic = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}}
-    exporter, seconds = _with_timing(lambda: onnx_export(
-        text.model, (ids, mask), path, ["input_ids", "attention_mask"], ["tokens"], dynamic, opset))
+    cached = Path(cache_dir) / f"text_encoder-{_text_cache_key(opset, ids.shape[1])}.onnx" if cache_dir else None
+    if cached is not None and cached.exists():
+        shutil.copy2(cached, path)
+        exporter, seconds = "cached", 0.0
+    else:
+        exporter, seconds = _with_timing(lambda: onnx_export(
+            text.model, (ids, mask), path, ["input_ids", "attention_mask"], ["tokens"], dynamic, opset))
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            shutil.copy2(path, tmp)
+            tmp.replace(cached)
     ids3, mask3 = text.tokenize(["", "a large white triangle staying still on a noise background",
                                  "green circle up"])
     diff = parity(path, text.model, {"input_ids": ids3, "attention_mask": mask3})
@@ -193,7 +212,8 @@ def bundle_metadata(vae: VideoVAE, dit: DiT, cfg: Config) -> dict:
     }
 
 
-def export_bundle(vae_path: str | Path, dit_path: str | Path, out_dir: str | Path, cfg: Config) -> dict:
+def export_bundle(vae_path: str | Path, dit_path: str | Path, out_dir: str | Path, cfg: Config,
+                  cache_dir: Path | None = None) -> dict:
     """Write the ONNX bundle to `out_dir` (atomically) and return per-graph parity and timings."""
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -208,7 +228,7 @@ def export_bundle(vae_path: str | Path, dit_path: str | Path, out_dir: str | Pat
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         graphs = {
-            "text_encoder": export_text_encoder(text, tmp / "text_encoder.onnx", opset),
+            "text_encoder": export_text_encoder(text, tmp / "text_encoder.onnx", opset, cache_dir),
             "dit": export_dit(dit, tmp / "dit.onnx", latent, cfg.text.max_tokens, opset),
             "vae_decoder": export_vae_decoder(vae, tmp / "vae_decoder.onnx", latent, opset),
         }

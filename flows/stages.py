@@ -135,7 +135,8 @@ def export(project: Project, cfg: Config, log) -> dict:
     out = project.path("models/onnx")
     if out.exists():
         shutil.rmtree(out)
-    result = export_bundle(project.path("models/vae/vae.pt"), project.path("models/dit/dit.pt"), out, cfg)
+    result = export_bundle(project.path("models/vae/vae.pt"), project.path("models/dit/dit.pt"), out, cfg,
+                           cache_dir=project.state / "cache")
     parity = generation_parity(out, project.path("models/vae/vae.pt"), project.path("models/dit/dit.pt"), cfg)
     diffs = {f"max_abs_diff.{k}": float(v) for k, v in result["max_abs_diff"].items()}
     diffs["max_abs_diff.generation"] = float(parity["max_abs_diff"])
