@@ -61,8 +61,9 @@ def eval_prompts(cfg: Config, rng: random.Random) -> dict[str, list[dict[str, st
     for split, pool in (("seen", seen), ("heldout", sorted(held))):
         if not pool:
             continue
+        pool = list(pool)
+        rng.shuffle(pool)  # product order would make the first prompts all one colour
         picks = [pool[i % len(pool)] for i in range(cfg.eval.prompts_per_split)]
-        rng.shuffle(picks)
         out[split] = [
             {"color": c, "shape": s, "motion": m, "speed": rng.choice(list(world.SPEEDS)),
              "size": rng.choice(list(world.SIZES)), "background": rng.choice(world.BACKGROUNDS)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -134,13 +135,13 @@ def download_bundle(project: Project, version: str | None = None) -> tuple[Path,
     if not (target / "bundle.json").exists():
         tmp = target.with_name(target.name + ".partial")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{REGISTERED_MODEL}/{mv.version}", dst_path=str(tmp)
         )
         bundle = next(Path(local).rglob("bundle.json")).parent
-        bundle.rename(target) if bundle != tmp else tmp.rename(target)
+        bundle.rename(target)
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return target, str(mv.version)

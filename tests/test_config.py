@@ -67,3 +67,17 @@ def test_flat_round_trip():
     cfg = C.load(ROOT / "params.yaml", profile="ci")
     assert C.from_dict(cfg.to_dict()) == cfg
     assert cfg.flat()["dit.lr"] == cfg.dit.lr
+
+
+def test_eval_prompts_cover_every_colour_and_keep_splits_apart():
+    import random
+
+    from components import world
+    from components.evaluation import eval_prompts
+
+    cfg = C.load(ROOT / "params.yaml")
+    prompts = eval_prompts(cfg, random.Random(0))
+    held = world.heldout_triples(cfg.data.heldout_fraction, cfg.seed)
+    assert {p["color"] for p in prompts["seen"]} == set(world.COLORS)
+    assert all((p["color"], p["shape"], p["motion"]) not in held for p in prompts["seen"])
+    assert all((p["color"], p["shape"], p["motion"]) in held for p in prompts["heldout"])
