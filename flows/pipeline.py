@@ -8,6 +8,7 @@ stages, and leaves Prefect artifacts: a table of each stage's metrics and a mark
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -45,11 +46,14 @@ def run_stage(project_root: str, stage: str, parent_run_id: str) -> dict:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     t0 = time.time()
     try:
-        with Repo(project_root) as repo:
+        # DVC resolves stage paths against the working directory, whoever calls the flow.
+        with contextlib.chdir(project_root), Repo(project_root) as repo:
             ran = repo.reproduce(stage, single_item=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the stage's own one-line reason
         err = project.error_file(stage)
-        reason = err.read_text().split("\n\n")[0] if err.exists() else f"{type(exc).__name__}: {exc}"
+        cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+        reason = (err.read_text().split("\n\n")[0] if err.exists()
+                  else f"{type(exc).__name__}: {exc}{cause}")
         raise StageFailed(f"{reason} (details: {err})") from None
     seconds = time.time() - t0
     status = "ran" if ran else "skipped (up to date)"

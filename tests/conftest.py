@@ -14,15 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 _HOME = Path(tempfile.mkdtemp(prefix="zoetrope-test-home-"))
 
 # Set before Prefect, MLflow or BentoML are imported by any test module.
+from flows.project import QUIET_ENV  # noqa: E402 - light: no orchestration library behind it
+
+os.environ.update(QUIET_ENV)
 os.environ.update({
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
     "PREFECT_HOME": str(_HOME / "prefect"),
     "BENTOML_HOME": str(_HOME / "bentoml"),
     "PREFECT_LOGGING_LEVEL": "WARNING",
