@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,6 +297,3 @@ def from_dict(data: dict) -> Config:
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
-
-# Silence an unused-import warning on Python versions where UnionType is needed by get_type_hints.
-_ = types

@@ -72,25 +72,6 @@ def eval_prompts(cfg: Config, rng: random.Random) -> dict[str, list[dict[str, st
     return out
 
 
-def _to_float(video: torch.Tensor) -> torch.Tensor:
-    return video.float() / 127.5 - 1.0  # uint8 -> [-1, 1]
-
-
-def _to_uint8(video: torch.Tensor) -> torch.Tensor:
-    return ((video.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-
-
-@torch.no_grad()
-def reconstruct(vae, video: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """uint8 (N, 3, T, H, W) -> VAE reconstruction from the posterior mean, uint8."""
-    out = []
-    for i in range(0, len(video), batch_size):
-        x = _to_float(video[i:i + batch_size])
-        mean, _ = vae.encode(x)
-        out.append(_to_uint8(vae.decode(mean)))
-    return torch.cat(out)
-
-
 def _grid(videos: np.ndarray, cols: int = 8) -> np.ndarray:
     """(B, T, H, W, 3) -> one (T, rows*H, cols*W, 3) video with 2-pixel gutters."""
     b, t, h, w, _ = videos.shape
@@ -109,7 +90,8 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     from components.generate import T2VPipeline
     from components.judge import train_judge
     from components.metrics import psnr, ssim
-    from components.vae import load_vae
+    from components.vae import load_vae, to_uint8, to_unit
+    from components.vae import reconstruct as vae_reconstruct
     from components.video_io import write_video
 
     t0 = time.time()
@@ -125,14 +107,15 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     rng.shuffle(unseen)
     unseen = sorted(unseen[: cfg.eval.recon_clips])
     real_unseen = clips.video[unseen]
-    recon_unseen = reconstruct(vae, real_unseen)
-    metrics["vae_psnr"] = float(psnr(_to_float(recon_unseen), _to_float(real_unseen)))
-    metrics["vae_ssim"] = float(ssim(_to_float(recon_unseen), _to_float(real_unseen)))
+    recon_unseen = to_uint8(vae_reconstruct(vae, real_unseen, device))
+    metrics["vae_psnr"] = float(psnr(to_unit(recon_unseen), to_unit(real_unseen)))
+    metrics["vae_ssim"] = float(ssim(to_unit(recon_unseen), to_unit(real_unseen)))
 
     # 2. The judge: real train clips plus reconstructions of half of them.
     train_idx = [i for i, r in enumerate(rows) if r["split"] == "train"]
     recon_idx = train_idx[::2]
-    judge_video = torch.cat([clips.video[train_idx], reconstruct(vae, clips.video[recon_idx])])
+    recon = to_uint8(vae_reconstruct(vae, clips.video[recon_idx], device))
+    judge_video = torch.cat([clips.video[train_idx], recon])
     labels = {a: [rows[i][a] for i in train_idx] + [rows[i][a] for i in recon_idx] for a in world.GRADED}
     judge = train_judge(judge_video, labels, cfg.eval, cfg.seed, log=_prefixed(log, "judge/"),
                         ckpt_dir=ckpt_dir)

@@ -16,7 +16,7 @@ from typing import Callable
 
 from components.checkpoint import atomic_write_json, atomic_write_text
 from components.config import Config
-from flows.project import REGISTERED_MODEL, Project, quiet_environment
+from flows.project import Project, quiet_environment
 
 StageFn = Callable[[Project, Config, "object"], dict]
 
@@ -209,5 +209,3 @@ def main(name: str) -> int:
         return 1
     return 0
 
-
-_ = REGISTERED_MODEL
