@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from components import schedule
+from components import distributed, schedule
 from components.checkpoint import save_model
 from components.config import Config
 from components.dit import DiT, DiTSpec, dit_config_dict
@@ -84,8 +84,10 @@ def run_train_dit(encoded_dir: Path, model_dir: Path, cfg: Config, log: LogFn | 
     tspec = TrainSpec(steps=dcfg.steps, lr=dcfg.lr, warmup=dcfg.warmup, grad_clip=dcfg.grad_clip,
                       ema=dcfg.ema, seed=cfg.seed)
     extra = {"config": dit_config_dict(spec, dcfg), "n_train": len(train_idx)}
+    # Under torchrun batch_fn draws the global batch and each rank trains on its share of it.
     res = fit(model, loss_fn, batch_fn, tspec, ckpt_dir=ckpt_dir, fingerprint_extra=extra, log=log,
-              desc="dit", samples_per_batch=dcfg.batch_size)
+              desc="dit", samples_per_batch=dcfg.batch_size,
+              tokens_per_batch=dcfg.batch_size * model.num_tokens(*latents.shape[2:]))
     ema = res.ema if res.ema is not None else res.model
 
     metrics = {
@@ -96,6 +98,12 @@ def run_train_dit(encoded_dir: Path, model_dir: Path, cfg: Config, log: LogFn | 
         "shift": shift,
         "train_clips": len(train_idx),
     }
+    if res.flops_per_step:
+        metrics["flops_per_step"] = float(res.flops_per_step)
+        metrics["flop_per_s"] = res.flops_per_step * metrics["steps_per_s"]
+    if not distributed.is_main():  # every rank holds the same weights: rank 0 evaluates and writes
+        metrics["seconds"] = time.time() - t0
+        return metrics
     if len(val_idx):
         vi = val_idx[:VAL_CLIPS]
         c = cap_idx[vi].to(device)

@@ -6,10 +6,18 @@ batches that `batch_fn(step, generator)` draws, and reports through `log(step, m
 Determinism and resume: every step draws its randomness from a generator seeded by
 (seed, step), so a run killed at any moment and resumed from its last checkpoint reaches the same
 weights as a run never interrupted (on CPU). Checkpoints are written atomically.
+
+Scale: bf16 autocast when the model is on a GPU (never on a CPU, where bf16 matmuls are slow and
+change the numbers), optional `torch.compile`, and DistributedDataParallel when launched by
+`torchrun` (`components/distributed.py`): every rank draws the same global batch from the same
+generator and keeps its own rows, DDP averages the gradients, and only rank 0 writes checkpoints
+and reports. Throughput is reported as steps, samples and tokens per second and as achieved
+FLOP/s, from the FLOPs of one training step counted on the real model (`components/flops.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -23,10 +31,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from components import distributed
 from components.checkpoint import atomic_torch_save
+from components.flops import train_step_flops
 
 Batch = Any
 LogFn = Callable[[int, dict[str, float]], None]
+EXECUTION_FIELDS = ("bf16", "compile")
 
 
 @dataclass(frozen=True)
@@ -41,9 +52,13 @@ class TrainSpec:
     ckpt_every: int = 200
     log_every: int = 10
     seed: int = 0
+    bf16: bool = True  # autocast to bfloat16 when the model is on CUDA; ignored on CPU
+    compile: bool = False  # torch.compile the model for the training steps
 
     def fingerprint(self, extra: dict | None = None) -> str:
-        blob = json.dumps({"spec": asdict(self), "extra": extra or {}}, sort_keys=True, default=str)
+        # How the steps execute is not what they train: a checkpoint resumes across these.
+        spec = {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS}
+        blob = json.dumps({"spec": spec, "extra": extra or {}}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -55,6 +70,7 @@ class FitResult:
     final_loss: float
     resumed_from: int
     seconds: float
+    flops_per_step: int | None = None  # forward + backward of the global batch, counted
 
 
 def lr_at(step: int, spec: TrainSpec) -> float:
@@ -69,6 +85,12 @@ def lr_at(step: int, spec: TrainSpec) -> float:
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """The seed a rank's step generator is moved to once the global batch is drawn, so the
+    randomness the loss draws (noise, timesteps, dropout) differs between ranks."""
+    return (seed * 1_000_003 + step) * 1_009 + 1 + rank
 
 
 @torch.no_grad()
@@ -123,12 +145,24 @@ def fit(
     desc: str = "train",
     samples_per_batch: int | None = None,
     params: list[nn.Parameter] | None = None,
+    tokens_per_batch: int | None = None,
+    count_flops: bool = True,
 ) -> FitResult:
     """Train `model` for `spec.steps` optimizer steps, resuming from `ckpt_dir` when it matches.
 
     `fingerprint_extra` (e.g. the model config) is hashed with the spec: a checkpoint written
     under another configuration is ignored rather than silently resumed.
+
+    `samples_per_batch` is the global batch size that `batch_fn` draws (and `tokens_per_batch`
+    the tokens in it, for tokens/s). Under torchrun each rank keeps its `1 / world` of every
+    tensor whose first dimension is that size, so it is required there. `count_flops` counts
+    one step's FLOPs before training (on a batch of its own; the run is unchanged by it).
     """
+    world, rank = distributed.world_size(), distributed.rank()
+    main = rank == 0
+    if world > 1 and not samples_per_batch:
+        raise ValueError(f"[{desc}] fit under torchrun ({world} processes) needs samples_per_batch, the global "
+                         "batch size batch_fn draws, to give each process its share")
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.99))
     ema = copy.deepcopy(model).requires_grad_(False) if spec.ema > 0 else None
@@ -143,10 +177,11 @@ def fit(
             if ema is not None:
                 ema.load_state_dict(state["ema"])
             start = int(state["step"])
-            print(f"[{desc}] resuming from step {start} ({ckpt_path})", file=sys.stderr, flush=True)
+            if main:
+                print(f"[{desc}] resuming from step {start} ({ckpt_path})", file=sys.stderr, flush=True)
 
     def save(step: int) -> None:
-        if ckpt_path is None:
+        if ckpt_path is None or not main:
             return
         atomic_torch_save(
             {
@@ -158,8 +193,38 @@ def fit(
             ckpt_path,
         )
 
+    def draw(step: int) -> Batch:
+        gen = step_generator(spec.seed, step)
+        batch = batch_fn(step, gen)
+        if world > 1:
+            batch = distributed.shard_batch(batch, samples_per_batch, rank, world)
+            gen.manual_seed(rank_seed(spec.seed, step, rank))
+        return batch
+
+    first = next(model.parameters(), None)
+    on_cuda = first is not None and first.device.type == "cuda"
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and spec.bf16
+                else contextlib.nullcontext())
+
+    def forward(m: nn.Module, batch: Batch):
+        with autocast:
+            return loss_fn(m, batch)
+
     model.train()
-    progress = _Progress(spec.steps, start, desc)
+    flops_per_step = None
+    if count_flops and start < spec.steps:
+        flops_per_step = train_step_flops(model, forward, draw(start)) * world
+
+    step_model: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP broadcasts rank 0's weights now and averages gradients in backward().
+        step_model = DistributedDataParallel(model, device_ids=[first.device.index] if on_cuda else None)
+    if spec.compile:
+        step_model = torch.compile(step_model)
+
+    progress = _Progress(spec.steps, start, desc) if main else None
     t0 = time.time()
     t_window, n_window = time.time(), 0
     loss_value = float("nan")
@@ -168,12 +233,12 @@ def fit(
             lr = lr_at(step, spec)
             for group in opt.param_groups:
                 group["lr"] = lr
-            gen = step_generator(spec.seed, step)
-            batch = batch_fn(step, gen)
-            loss, metrics = loss_fn(model, batch)
-            if not torch.isfinite(loss):
+            batch = draw(step)
+            loss, metrics = forward(step_model, batch)
+            global_loss = distributed.mean_scalar(loss.detach())  # == loss for one process
+            if not torch.isfinite(global_loss):
                 raise FloatingPointError(
-                    f"[{desc}] loss became {loss.item()} at step {step}: lower the learning rate "
+                    f"[{desc}] loss became {global_loss.item()} at step {step}: lower the learning rate "
                     f"(now {spec.lr}) or enable gradient clipping"
                 )
             opt.zero_grad(set_to_none=True)
@@ -183,24 +248,33 @@ def fit(
             opt.step()
             if ema is not None:
                 ema_update(ema, model, spec.ema)
-            loss_value = float(loss.detach())
+            loss_value = float(global_loss)
             n_window += 1
             done = step + 1
             if done % spec.log_every == 0 or done == spec.steps:
                 elapsed = max(1e-9, time.time() - t_window)
-                metrics = {"loss": loss_value, "lr": lr, **metrics, "steps_per_s": n_window / elapsed}
+                steps_per_s = n_window / elapsed
+                metrics = {"loss": loss_value, "lr": lr, **metrics, "steps_per_s": steps_per_s}
                 if samples_per_batch:
-                    metrics["samples_per_s"] = samples_per_batch * n_window / elapsed
-                if log is not None:
+                    metrics["samples_per_s"] = samples_per_batch * steps_per_s
+                if tokens_per_batch:
+                    metrics["tokens_per_s"] = tokens_per_batch * steps_per_s
+                if flops_per_step:
+                    metrics["flops_per_step"] = float(flops_per_step)
+                    metrics["flop_per_s"] = flops_per_step * steps_per_s
+                if log is not None and main:
                     log(done, metrics)
                 t_window, n_window = time.time(), 0
-            progress.update(done, {"loss": loss_value, "lr": lr})
+            if progress is not None:
+                progress.update(done, {"loss": loss_value, "lr": lr})
             if spec.ckpt_every > 0 and done % spec.ckpt_every == 0 and done < spec.steps:
                 save(done)
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
     save(spec.steps)
+    distributed.barrier()  # no rank moves on (and reads what rank 0 wrote) before it is written
     model.eval()
     if ema is not None:
         ema.eval()
-    return FitResult(model, ema, spec.steps, loss_value, start, time.time() - t0)
+    return FitResult(model, ema, spec.steps, loss_value, start, time.time() - t0, flops_per_step)

@@ -98,12 +98,19 @@ def encode(project: Project, cfg: Config, log) -> dict:
 
 
 def train_dit(project: Project, cfg: Config, log) -> dict:
+    from components import distributed
     from components.train_dit import run_train_dit
 
-    return run_train_dit(
-        project.path("data/encoded"), _fresh(project.path("models/dit")), cfg,
-        log=log, ckpt_dir=project.ckpt_dir("train_dit"),
-    )
+    # Under torchrun every rank trains (DDP); rank 0 alone clears and writes the outputs.
+    with distributed.session() as env:
+        model_dir = project.path("models/dit")
+        if env.is_main:
+            _fresh(model_dir)
+        distributed.barrier()
+        return run_train_dit(
+            project.path("data/encoded"), model_dir, cfg,
+            log=log, ckpt_dir=project.ckpt_dir("train_dit"), device=distributed.device(),
+        )
 
 
 def evaluate(project: Project, cfg: Config, log) -> dict:
@@ -162,6 +169,9 @@ def register(project: Project, cfg: Config, log) -> dict:
     return {"registered_version": float(info["version"]), "champion": float(info["champion"])}
 
 
+# Stages that may run under `torchrun --nproc_per_node=N` (DistributedDataParallel).
+DISTRIBUTED_STAGES = ("train_dit",)
+
 STAGES: dict[str, StageFn] = {
     "synth": synth,
     "prepare": prepare,
@@ -181,6 +191,15 @@ def run(name: str, project: Project | None = None) -> dict:
     quiet_environment(project)
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}: stages are {', '.join(STAGES)}")
+    from components.distributed import DistEnv
+
+    env = DistEnv.from_env()
+    if env.world_size > 1:
+        if name not in DISTRIBUTED_STAGES:
+            raise ValueError(f"stage {name} cannot run under torchrun (WORLD_SIZE={env.world_size}): "
+                             f"run it as one process; stages that can: {', '.join(DISTRIBUTED_STAGES)}")
+        if not env.is_main:  # rank 0 alone tracks in MLflow and writes outputs
+            return STAGES[name](project, project.config(), None) or {}
     from flows import tracking
 
     cfg = project.config()
