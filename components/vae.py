@@ -19,6 +19,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +213,61 @@ class Decoder(nn.Module):
         h = self.layers(self.conv_in(z))  # (B, C0, T, H/p, W/p)
         return depth_to_space(self.conv_out(F.silu(self.norm_out(h))), self.patch)  # (B, 3, T, H, W)
 
+    def stream(self, z: torch.Tensor, chunk_frames: int) -> Iterator[torch.Tensor]:
+        """`forward` run on `chunk_frames` latent frames at a time: yields the video in pieces
+        (B, 3, T_i, H, W) whose concatenation along time equals `forward(z)`.
+
+        Memory is bounded by the chunk, not the video. Every temporal convolution is causal with
+        kernel 3, so carrying the last 2 frames of its input across chunks (`_Stream`) gives each
+        frame exactly the context it has in the whole video; everything else acts per frame.
+        """
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames={chunk_frames} is invalid: decode at least 1 latent frame at a time")
+        state = _Stream()
+        for i in range(0, z.shape[2], chunk_frames):
+            h = self.conv_in(z[:, :, i:i + chunk_frames])  # kt=1: per frame
+            for layer in self.layers:
+                h = state.layer(layer, h)
+            yield depth_to_space(self.conv_out(F.silu(self.norm_out(h))), self.patch)
+            state.first = False
+
+
+class _Stream:
+    """The causal state of a chunked decode: each temporal conv's last input frames.
+
+    Mirrors `ResBlock.forward` and `TimeUp.forward` with the carried frames in place of the zero
+    padding; `tests/test_vae_chunked.py` checks it against the whole-video decode.
+    """
+
+    def __init__(self) -> None:
+        self.past: dict[nn.Module, torch.Tensor] = {}
+        self.first = True  # the first chunk holds latent frame 0
+
+    def conv(self, conv: CausalConv, x: torch.Tensor) -> torch.Tensor:
+        if not conv.pad_t:
+            return conv(x)
+        past = self.past.get(conv)
+        if past is None:  # the start of the video: the zeros CausalConv pads with
+            past = x.new_zeros(*x.shape[:2], conv.pad_t, *x.shape[3:])
+        x = torch.cat([past, x], dim=2)
+        self.past[conv] = x[:, :, -conv.pad_t:]
+        return conv.conv(x)
+
+    def layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(layer, ResBlock):
+            h = self.conv(layer.t1, layer.s1(F.silu(layer.norm1(x))))
+            h = self.conv(layer.t2, layer.s2(F.silu(layer.norm2(h))))
+            return x + h
+        if isinstance(layer, TimeUp):
+            B, C, t, h, w = x.shape
+            y = self.conv(layer.conv, x).reshape(B, 2, C, t, h, w).permute(0, 2, 3, 1, 4, 5)
+            y = y.reshape(B, C, 2 * t, h, w)
+            return y[:, :, 1:] if self.first else y  # only latent frame 0 maps to one frame
+        if isinstance(layer, SpaceUp):
+            return layer(x)  # kt=1: per frame
+        raise TypeError(f"chunked decoding does not know {type(layer).__name__}: teach _Stream.layer its "
+                        "temporal behaviour")
+
 
 class VideoVAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
@@ -242,9 +298,15 @@ class VideoVAE(nn.Module):
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, c, t, h, w), not normalised -> video (B, 3, T, H, W) in [-1, 1]."""
-        return self.decoder(z).clamp(-1.0, 1.0)
+    def decode(self, z: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
+        """Latents (B, c, t, h, w), not normalised -> video (B, 3, T, H, W) in [-1, 1].
+
+        With `chunk_frames`, decodes that many latent frames at a time (`Decoder.stream`): the
+        same video in memory bounded by the chunk.
+        """
+        if chunk_frames is None:
+            return self.decoder(z).clamp(-1.0, 1.0)
+        return torch.cat(list(self.decoder.stream(z, chunk_frames)), dim=2).clamp(-1.0, 1.0)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.latent_mean.view(1, -1, 1, 1, 1)) / self.latent_std.view(1, -1, 1, 1, 1)
