@@ -228,6 +228,7 @@ def fit(
     t0 = time.time()
     t_window, n_window = time.time(), 0
     loss_value = float("nan")
+    rate: dict[str, float] = {}  # the last window's throughput, shown live beside the loss
     try:
         for step in range(start, spec.steps):
             lr = lr_at(step, spec)
@@ -264,9 +265,11 @@ def fit(
                     metrics["flop_per_s"] = flops_per_step * steps_per_s
                 if log is not None and main:
                     log(done, metrics)
+                rate = ({"samples/s": metrics["samples_per_s"]} if samples_per_batch
+                        else {"steps/s": steps_per_s})
                 t_window, n_window = time.time(), 0
             if progress is not None:
-                progress.update(done, {"loss": loss_value, "lr": lr})
+                progress.update(done, {"loss": loss_value, "lr": lr, **rate})
             if spec.ckpt_every > 0 and done % spec.ckpt_every == 0 and done < spec.steps:
                 save(done)
     finally:
