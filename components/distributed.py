@@ -134,6 +134,17 @@ def mean_scalar(value: torch.Tensor) -> torch.Tensor:
     return buf[0] / dist.get_world_size()
 
 
+def agree(value: int, what: str) -> None:
+    """Fail on every rank when ranks hold different values of `what` (they would deadlock)."""
+    if not active():
+        return
+    buf = torch.tensor([value, -value], dtype=torch.int64, device=device())
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    if int(buf[0]) != -int(buf[1]):
+        raise RuntimeError(f"processes disagree on {what}: between {-int(buf[1])} and {int(buf[0])}; put the "
+                           "checkpoint folder on a file system that every node sees")
+
+
 # ----------------------------------------------------------------------------------------------
 # Each rank's share of a batch
 # ----------------------------------------------------------------------------------------------

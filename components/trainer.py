@@ -180,6 +180,8 @@ def fit(
             if main:
                 print(f"[{desc}] resuming from step {start} ({ckpt_path})", file=sys.stderr, flush=True)
 
+    distributed.agree(start, "the step to resume from")
+
     def save(step: int) -> None:
         if ckpt_path is None or not main:
             return

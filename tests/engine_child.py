@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8, help="global batch size")
     ap.add_argument("--ckpt-every", type=int, default=3)
+    ap.add_argument("--ckpt-per-rank", action="store_true", help="a checkpoint folder per rank (as on "
+                    "nodes without a shared file system)")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds to idle per step (a slower run to kill)")
     args = ap.parse_args(argv)
 
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         model = DiT(SPEC)
         spec = TrainSpec(steps=args.steps, lr=3e-3, warmup=3, grad_clip=1.0, ema=0.9,
                          ckpt_every=args.ckpt_every, log_every=1, seed=7)
-        res = fit(model, loss_fn, batch_fn, spec, ckpt_dir=args.ckpt, log=log, desc="child",
+        ckpt = f"{args.ckpt}-rank{env.rank}" if args.ckpt and args.ckpt_per_rank else args.ckpt
+        res = fit(model, loss_fn, batch_fn, spec, ckpt_dir=ckpt, log=log, desc="child",
                   samples_per_batch=B, tokens_per_batch=B * model.num_tokens(3, 4, 4))
         if env.is_main:
             atomic_torch_save({"model": res.model.state_dict(), "ema": res.ema.state_dict()}, out / "final.pt")

@@ -84,6 +84,19 @@ def test_two_processes_reach_the_loss_curve_of_one(tmp_path):
         assert torch.allclose(t, wb[name], atol=TOL), (name, (t - wb[name]).abs().max())
 
 
+def test_ranks_that_would_resume_from_different_steps_fail_instead_of_hanging(tmp_path):
+    args = ["--objective", "fixed", "--steps", "6", "--ckpt-every", "3"]
+    # Rank 0's folder holds a finished run; rank 1's is empty (two nodes, no shared file system).
+    one = subprocess.run([sys.executable, str(CHILD), "--out", str(tmp_path / "one"),
+                          "--ckpt", str(tmp_path / "ckpt-rank0"), *args],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = _torchrun(str(CHILD), "--out", str(tmp_path / "two"), "--ckpt", str(tmp_path / "ckpt"),
+                    "--ckpt-per-rank", *args)
+    assert two.returncode != 0
+    assert "processes disagree on the step to resume from: between 0 and 6" in two.stdout + two.stderr
+
+
 def _fake_encoded(folder: Path, n: int = 24) -> None:
     """What the encode stage writes (components/encode.py), at the ci profile's latent shape."""
     g = torch.Generator().manual_seed(0)
