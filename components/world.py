@@ -40,7 +40,7 @@ MOTION_PHRASES: dict[str, str] = {
 }
 SPEEDS: dict[str, float] = {"slow": 0.5, "fast": 1.0}  # share of the travel span per clip
 SPEED_WORDS: dict[str, str] = {"slow": "slowly", "fast": "quickly"}
-SIZES: dict[str, float] = {"small": 0.15, "large": 0.23}  # object radius as a share of the side
+SIZES: dict[str, float] = {"small": 0.17, "large": 0.25}  # object radius as a share of the side
 BACKGROUNDS: tuple[str, ...] = ("black", "grey", "gradient", "noise")
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
