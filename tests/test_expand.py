@@ -126,3 +126,20 @@ def test_llm_backend_without_an_endpoint_names_the_setting(monkeypatch):
     monkeypatch.delenv("ZOETROPE_LLM_URL", raising=False)
     with pytest.raises(ValueError, match="expand.llm_url"):
         expand("red ball", cfg=ExpandConfig(backend="openai"))
+
+
+def test_cli_expand_prints_the_caption_and_json(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ZOETROPE_PROJECT"}
+    run = [sys.executable, "-m", "flows.cli", "expand", "red ball going left"]
+    proc = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    caption = proc.stdout.strip()
+    assert world.parse_caption(caption)["color"] == "red" and "circle moving left" in caption
+    proc = subprocess.run([*run, "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = json.loads(proc.stdout)
+    assert result["caption"] == caption and result["ungrounded"] == []
