@@ -38,9 +38,13 @@ class DataConfig:
     val_fraction: float = 0.05  # share of seen clips kept for validation metrics
     max_bad_fraction: float = 0.2  # prepare fails when more input files than this are broken
     shard_size: int = 512  # clips per shard
-    workers: int = 2  # decoding processes
+    workers: int = 2  # decoding processes (0: one per CPU core)
+    source: str = "synthetic"  # "synthetic" (the embedded world) or a folder of your own videos
 
     def validate(self) -> None:
+        _check(bool(self.source.strip()), "data.source", self.source,
+               "use synthetic or the path of a folder of videos")
+        _check(self.workers >= 0, "data.workers", self.workers, "use 0 (one per core) or more")
         _check((self.frames - 1) % 4 == 0, "data.frames", self.frames, "use 1 + 4k frames (5, 9, 17, 33)")
         _check(self.size % 8 == 0, "data.size", self.size, "use a multiple of 8")
         _check(self.raw_size >= self.size, "data.raw_size", self.raw_size, "must be >= data.size")
@@ -48,6 +52,43 @@ class DataConfig:
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, f"data.{name}", v, "use a fraction in [0, 1)")
         _check(self.num_videos >= 50, "data.num_videos", self.num_videos, "use at least 50")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Ingesting a folder of the user's own videos (`data.source` a path; components/ingest.py)."""
+
+    scene_threshold: float = 0.3  # mean |frame difference| in [0, 1] (at data.fps) that is a cut
+    max_clips_per_scene: int = 4  # consecutive non-overlapping clips taken from one scene
+    min_motion: float = 0.0  # drop clips whose motion_score is below this; 0 keeps still clips
+    dedup_max_distance: int = 12  # perceptual-hash bits (of 192) within which two clips are duplicates
+
+    def validate(self) -> None:
+        _check(0.0 < self.scene_threshold <= 1.0, "ingest.scene_threshold", self.scene_threshold,
+               "use a mean frame difference in (0, 1]")
+        _check(self.max_clips_per_scene >= 1, "ingest.max_clips_per_scene", self.max_clips_per_scene,
+               "use at least 1")
+        _check(0.0 <= self.min_motion < 1.0, "ingest.min_motion", self.min_motion,
+               "use [0, 1); 0 disables the motion filter")
+        _check(0 <= self.dedup_max_distance < 192, "ingest.dedup_max_distance", self.dedup_max_distance,
+               "use 0 (exact duplicates only) to 191 bits")
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    """Prompt expansion (components/expand.py)."""
+
+    backend: str = "minilm"  # minilm (embedded, offline) | openai (any OpenAI-compatible endpoint)
+    min_similarity: float = 0.5  # cosine a non-anchor word needs to ground to its nearest anchor
+    llm_url: str = ""  # e.g. http://localhost:8000/v1; or $ZOETROPE_LLM_URL. Key: $ZOETROPE_LLM_API_KEY
+    llm_model: str = ""
+    llm_timeout: float = 30.0
+
+    def validate(self) -> None:
+        _check(self.backend in ("minilm", "openai"), "expand.backend", self.backend, "use minilm or openai")
+        _check(0.0 < self.min_similarity <= 1.0, "expand.min_similarity", self.min_similarity,
+               "use a cosine in (0, 1]")
+        _check(self.llm_timeout > 0, "expand.llm_timeout", self.llm_timeout, "use a positive number of seconds")
 
 
 @dataclass(frozen=True)
@@ -150,6 +191,8 @@ class ExportConfig:
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    expand: ExpandConfig = field(default_factory=ExpandConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)

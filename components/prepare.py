@@ -130,12 +130,37 @@ def _decode_all(jobs: list[tuple[str, int, int, int]], workers: int) -> list[tup
         return pool.map(_load_job, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
 
 
+def write_clips(out_dir: Path, items: list[tuple[dict, np.ndarray]], shard_size: int
+                ) -> tuple[list[dict], list[str]]:
+    """Write (manifest row without shard/index, uint8 (3, T, H, W) clip) pairs as shards plus
+    `manifest.csv`, in order; remove shards left by an earlier, larger run. -> rows, shard names."""
+    import torch
+
+    from components.checkpoint import atomic_torch_save, atomic_write_text
+
+    rows, shards = [], []
+    for start in range(0, len(items), shard_size):
+        part = items[start : start + shard_size]
+        name = f"shard-{len(shards):05d}.pt"
+        video = torch.from_numpy(np.stack([clip for _, clip in part]))  # (N, 3, T, H, W)
+        atomic_torch_save({"video": video, "clip_id": [r["clip_id"] for r, _ in part]}, out_dir / name)
+        shards.append(name)
+        for index, (row, _) in enumerate(part):
+            rows.append({**row, "shard": name, "index": index})
+    for stale in set(p.name for p in out_dir.glob("shard-*.pt")) - set(shards):
+        (out_dir / stale).unlink()  # left by an earlier run with more clips
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "manifest.csv", buf.getvalue())
+    return rows, shards
+
+
 def prepare(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int) -> dict:
     """Decode, normalise and shard every video in `raw_dir`; return a summary."""
     # Imported here: spawned workers import this module, and torch takes ~3 s to import.
-    import torch
-
-    from components.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text
+    from components.checkpoint import atomic_write_json
 
     t0 = time.time()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
@@ -162,30 +187,18 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int) -> dict:
             f"data.max_bad_fraction"
         )
 
-    rows, shards = [], []
-    for start in range(0, len(good), cfg.shard_size):
-        part = good[start : start + cfg.shard_size]
-        name = f"shard-{len(shards):05d}.pt"
-        video = torch.from_numpy(np.stack([clip for _, clip in part]))  # (N, 3, T, H, W)
-        atomic_torch_save({"video": video, "clip_id": [r["id"] for r, _ in part]}, out_dir / name)
-        shards.append(name)
-        for index, (rec, clip) in enumerate(part):
-            visible = bool(rec["caption_visible"])
-            rows.append({
-                "clip_id": rec["id"], "source": rec["file"], "shard": name, "index": index,
-                "frames": clip.shape[1], "height": clip.shape[2], "width": clip.shape[3],
-                "fps": cfg.fps, "split": splits[rec["id"]],
-                "caption": rec["caption"] if visible else "", "caption_visible": visible,
-                **{k: rec[k] for k in ("color", "shape", "motion", "speed", "size", "background")},
-                **clip_stats(clip),
-            })
-    for stale in set(p.name for p in out_dir.glob("shard-*.pt")) - set(shards):
-        (out_dir / stale).unlink()  # left by an earlier run with more clips
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out_dir / "manifest.csv", buf.getvalue())
+    items = []
+    for rec, clip in good:
+        visible = bool(rec["caption_visible"])
+        items.append(({
+            "clip_id": rec["id"], "source": rec["file"],
+            "frames": clip.shape[1], "height": clip.shape[2], "width": clip.shape[3],
+            "fps": cfg.fps, "split": splits[rec["id"]],
+            "caption": rec["caption"] if visible else "", "caption_visible": visible,
+            **{k: rec[k] for k in ("color", "shape", "motion", "speed", "size", "background")},
+            **clip_stats(clip),
+        }, clip))
+    rows, shards = write_clips(out_dir, items, cfg.shard_size)
 
     seconds = time.time() - t0
     return {

@@ -1,7 +1,9 @@
 """The `zoetrope` command line.
 
-  zoetrope run [--profile NAME] [--set section.key=value ...]   the pipeline flow, in-process
+  zoetrope run [--profile NAME] [--set section.key=value ...] [--data FOLDER]
+                                                               the pipeline flow, in-process
   zoetrope generate "PROMPT" --out FILE.mp4 [--seed N]         from the champion, via ONNX
+  zoetrope expand "PROMPT" [--json]                            the long caption generation uses
   zoetrope serve [--port N]                                    the Bento service on localhost
   zoetrope stage NAME                                          one DVC stage (dvc.yaml's cmd)
   zoetrope resolve [--profile NAME] [--set ...]                write the params DVC reads
@@ -48,11 +50,14 @@ def cmd_run(args) -> int:
         project.resolve_params(args.profile, args.set)
     except ConfigError as exc:
         return _fail(str(exc))
+    if args.data is not None and not os.path.isdir(args.data):
+        return _fail(f"--data {args.data!r} is not a folder: pass the folder of your videos")
     from flows.pipeline import pipeline
 
     t0 = __import__("time").time()
     try:
-        summary = pipeline(profile=args.profile, overrides=args.set, project_dir=str(project.root))
+        summary = pipeline(profile=args.profile, overrides=args.set, project_dir=str(project.root),
+                           data=args.data)
     except Exception as exc:  # noqa: BLE001 - the flow already logged the traceback
         return _fail(f"pipeline failed: {exc}", 1)
     _print_summary(summary, __import__("time").time() - t0)
@@ -109,16 +114,68 @@ def _bundle(args):
         raise SystemExit(_fail(str(exc)))
 
 
+def _expand_settings():
+    """The project's expansion settings and training-caption distribution (defaults outside one)."""
+    from components import config as C
+    from flows.project import Project, ProjectError, quiet_environment
+
+    try:
+        project = Project.find()
+    except ProjectError:
+        quiet_environment()
+        return C.ExpandConfig(), None
+    quiet_environment(project)
+    cfg = C.load(project.root / "params.yaml").expand
+    captions = project.path("data/captions/captions.csv")
+    if not captions.exists():
+        return cfg, None  # the world's balanced distribution
+    import csv
+
+    from components.expand import distribution_from_captions
+
+    with open(captions, newline="") as fh:
+        return cfg, distribution_from_captions([r["caption"] for r in csv.DictReader(fh)])
+
+
+def cmd_expand(args) -> int:
+    from components.expand import expand
+
+    cfg, distribution = _expand_settings()
+    try:
+        result = expand(args.prompt, seed=args.seed, cfg=cfg, distribution=distribution)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(result, indent=1, ensure_ascii=False))
+    else:
+        print(result["caption"])
+        if result["ungrounded"]:
+            print(f"(not grounded: {', '.join(result['ungrounded'])})", file=sys.stderr)
+    return 0
+
+
 def cmd_generate(args) -> int:
     if not args.out.lower().endswith((".mp4", ".gif")):
         return _fail(f"--out {args.out!r}: use a file name ending in .mp4 or .gif")
+    prompt = args.prompt
+    if not args.no_expand:  # the model was trained on long captions: expand the short prompt
+        from components.expand import expand
+
+        cfg, distribution = _expand_settings()
+        try:
+            expanded = expand(prompt, seed=args.seed, cfg=cfg, distribution=distribution)
+        except ValueError as exc:
+            return _fail(str(exc))
+        prompt = expanded["caption"]
+        print(f"expanded prompt: {prompt!r}" + (f" (not grounded: {', '.join(expanded['ungrounded'])})"
+                                                 if expanded["ungrounded"] else ""))
     bundle_dir, version = _bundle(args)
     from components.onnx_runtime import OnnxT2V
     from components.video_io import write_video
 
     runtime = OnnxT2V(bundle_dir)
     try:
-        frames = runtime.generate(args.prompt, seed=args.seed, steps=args.steps,
+        frames = runtime.generate(prompt, seed=args.seed, steps=args.steps,
                                   guidance=args.guidance, num_frames=args.num_frames)
     except ValueError as exc:
         return _fail(str(exc))
@@ -157,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("run", help="run the whole pipeline (stages up to date are skipped)")
     profile_args(sp)
+    sp.add_argument("--data", default=None, metavar="FOLDER",
+                    help="train on your own videos in FOLDER (recursive: mp4 mov mkv webm avi gif; "
+                         "captions in NAME.txt or a CSV/JSONL of path,caption) instead of the synthetic world")
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("resolve", help="write .zoetrope/params.yaml for a profile and overrides")
@@ -193,7 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight")
     sp.add_argument("--num-frames", type=positive, default=None)
     sp.add_argument("--version", default=None, help="registered model version (default: champion)")
+    sp.add_argument("--no-expand", action="store_true",
+                    help="use the prompt as written (default: expand it to a long caption first)")
     sp.set_defaults(fn=cmd_generate)
+
+    sp = sub.add_parser("expand", help="expand a short prompt into the long caption generation uses")
+    sp.add_argument("prompt")
+    sp.add_argument("--seed", type=seed, default=0, help="seed for the attributes the prompt leaves open")
+    sp.add_argument("--json", action="store_true", help="print the attributes, grounding and ungrounded words")
+    sp.set_defaults(fn=cmd_expand)
 
     sp = sub.add_parser("serve", help="serve the champion with BentoML on localhost")
     sp.add_argument("--port", type=positive, default=3000)

@@ -33,8 +33,8 @@ def resolve_params(project_root: str, profile: str, overrides: list[str]) -> dic
 
 
 @task(name="stage", task_run_name="{stage}", retries=0)
-def run_stage(project_root: str, stage: str, parent_run_id: str) -> dict:
-    """Reproduce one DVC stage; returns whether it ran and the metrics it reported."""
+def run_stage(project_root: str, stage: str, parent_run_id: str, force: bool = False) -> dict:
+    """Reproduce one DVC stage (always, when `force`); returns whether it ran."""
     from dvc.repo import Repo
 
     logger = get_run_logger()
@@ -48,7 +48,7 @@ def run_stage(project_root: str, stage: str, parent_run_id: str) -> dict:
     try:
         # DVC resolves stage paths against the working directory, whoever calls the flow.
         with contextlib.chdir(project_root), Repo(project_root) as repo:
-            ran = repo.reproduce(stage, single_item=True)
+            ran = repo.reproduce(stage, single_item=True, force=force)
     except Exception as exc:  # noqa: BLE001 - re-raised with the stage's own one-line reason
         err = project.error_file(stage)
         cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
@@ -107,11 +107,21 @@ def report_markdown(summary: dict) -> str:
 
 @flow(name="zoetrope-pipeline", log_prints=True)
 def pipeline(profile: str = "tiny", overrides: list[str] | None = None,
-             project_dir: str | None = None) -> dict:
-    """Run every stage of dvc.yaml in order; DVC skips those already up to date."""
+             project_dir: str | None = None, data: str | None = None) -> dict:
+    """Run every stage of dvc.yaml in order; DVC skips those already up to date.
+
+    `data`: a folder of your own videos to train on instead of the synthetic world (sets
+    `data.source`). Its raw stage always re-copies the folder, since DVC cannot see changes
+    outside the project; DVC's hash of the copy then decides whether later stages rerun.
+    """
     project = Project.find(project_dir)
     quiet_environment(project)
     overrides = list(overrides or [])
+    if data is not None:
+        folder = Path(data).expanduser().resolve()
+        if not folder.is_dir():
+            raise NotADirectoryError(f"--data {data!r} is not a folder: pass the folder of your videos")
+        overrides.append(f"data.source={json.dumps(str(folder))}")  # JSON quoting is valid YAML
     resolve_params(str(project.root), profile, overrides)
     cfg = project.config()
     parent = tracking.start_parent(project, cfg, run_name=f"pipeline-{profile}")
@@ -120,8 +130,9 @@ def pipeline(profile: str = "tiny", overrides: list[str] | None = None,
     results: list[dict] = []
     status = "FINISHED"
     try:
-        for stage in project.stage_names():
-            results.append(run_stage(str(project.root), stage, parent))
+        user_data = cfg.data.source != "synthetic"
+        for n, stage in enumerate(project.stage_names()):
+            results.append(run_stage(str(project.root), stage, parent, force=user_data and n == 0))
         summary = summarize(project, parent, results)
         mlflow.set_tags({"dvc.data_version": project.data_version(),
                          "zoetrope.stages_run": ",".join(r["stage"] for r in results if r["ran"]) or "none"})

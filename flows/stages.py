@@ -38,6 +38,12 @@ def _read_json(path: Path) -> dict:
 
 
 def synth(project: Project, cfg: Config, log) -> dict:
+    """The raw data: the synthetic world, or a copy of the user's folder (`data.source`), so DVC
+    versions the raw input either way."""
+    if cfg.data.source != "synthetic":
+        from components.ingest import stage_folder
+
+        return stage_folder(cfg.data.source, _fresh(project.path("data/raw")))
     from components.synth import generate
 
     return generate(_fresh(project.path("data/raw")), cfg.data, cfg.seed)
@@ -49,10 +55,17 @@ def prepare(project: Project, cfg: Config, log) -> dict:
     from components.prepare import prepare as prepare_clips
     from flows.validation import validate_manifest
 
+    from components.ingest import SOURCES, ingest
+
     out = _fresh(project.path("data/clips"))
-    summary = prepare_clips(project.path("data/raw"), out, cfg.data, cfg.seed)
-    if (out / "quarantine.json").exists():
-        mlflow.log_artifact(str(out / "quarantine.json"), "data")
+    raw = project.path("data/raw")
+    if (raw / SOURCES).exists():  # the synth stage staged the user's own videos
+        summary = ingest(raw, out, cfg.data, cfg.ingest, cfg.seed)
+    else:
+        summary = prepare_clips(raw, out, cfg.data, cfg.seed)
+    for report in ("quarantine.json", "ingest.json"):
+        if (out / report).exists():
+            mlflow.log_artifact(str(out / report), "data")
     try:
         result = validate_manifest(out / "manifest.csv", cfg.data, out)
     finally:
