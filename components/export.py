@@ -7,7 +7,10 @@ fixes them. The sampling loop is not exported: it is a few lines of numpy in
 
 Each graph is exported with the dynamo exporter first (it worked in calibration), the
 TorchScript exporter if that fails, then checked against PyTorch in ONNX Runtime (CPU) at a batch
-size never seen at export. The bundle is written to a temporary folder and renamed into place.
+size never seen at export. Every graph is rewritten by ONNX Runtime's offline (BASIC) optimiser
+before its parity check, so the check covers the file that ships. `dit_fp16.onnx` and
+`vae_decoder_fp16.onnx` are half-precision copies for the CUDA provider. The bundle is written to
+a temporary folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 
 from components.config import Config
 from components.dit import DiT, load_dit
+from components.onnx_runtime import FP16_FILES
 from components.text_encoder import TOKENIZER_FILES, TEXT_DIM, TextEncoder, model_path
 from components.vae import VideoVAE, load_vae
 
@@ -67,6 +71,7 @@ def onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[st
                                      input_names=input_names, output_names=output_names,
                                      dynamic_shapes=dyn_shapes, verbose=False)
         prog.save(str(path))
+        optimise_graph(path)
         return "dynamo"
     except Exception as exc:  # noqa: BLE001 - any exporter failure falls back to TorchScript
         errors.append(f"dynamo: {type(exc).__name__}: {str(exc)[:300]}")
@@ -78,10 +83,96 @@ def onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[st
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names,
                               dynamic_axes=axes)
+        optimise_graph(path)
         return "torchscript"
     except Exception as exc:  # noqa: BLE001
         errors.append(f"torchscript: {type(exc).__name__}: {str(exc)[:300]}")
     raise RuntimeError(f"ONNX export of {path.name} failed with both exporters: " + " | ".join(errors))
+
+
+def optimise_graph(path: Path) -> dict:
+    """Rewrite `path` in place with ONNX Runtime's offline graph optimisations; -> node counts.
+
+    BASIC level only (constant folding, redundant-node elimination, standard-op fusions): its
+    output is plain ONNX that every provider runs. EXTENDED/ALL fuse into provider-specific
+    contrib ops, so they are left to the session at load time (ORT_ENABLE_ALL in
+    `components/onnx_runtime.py`), where the provider is known.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    before = len(onnx.load(str(path), load_external_data=False).graph.node)
+    tmp = path.with_name(f".{path.name}.opt.tmp")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(tmp)
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        after = len(onnx.load(str(tmp), load_external_data=False).graph.node)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"nodes_before": before, "nodes_after": after}
+
+
+def _topological_sort(graph) -> None:
+    """Reorder `graph.node` so every node follows the producers of its inputs (Kahn's order)."""
+    produced_by = {out: i for i, n in enumerate(graph.node) for out in n.output}
+    nodes = list(graph.node)
+    done: set[int] = set()
+    order: list[int] = []
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:  # iterative DFS: graphs have thousands of nodes
+            i, expanded = stack.pop()
+            if i in done:
+                continue
+            if expanded:
+                done.add(i)
+                order.append(i)
+                continue
+            stack.append((i, True))
+            for name in nodes[i].input:
+                j = produced_by.get(name)
+                if j is not None and j not in done:
+                    stack.append((j, False))
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+
+
+def export_fp16(src: Path, dst: Path) -> dict:
+    """`src` (float32) -> `dst` with fp16 weights and arithmetic, float32 inputs and outputs.
+
+    For the CUDA provider (tensor cores); on CPU ORT runs fp16 mostly through casts, so the
+    runtime picks these graphs only on a GPU. Tested against PyTorch where a GPU exists.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=False)
+    # The converter names every inserted Cast after the tensor it casts, so a tensor cast twice
+    # (it feeds two fp32-only ops) yields two identical Casts with one output, which ONNX
+    # rejects (not SSA): keep the first.
+    kept, producers = [], {}
+    for node in model.graph.node:
+        key = (node.op_type, tuple(node.input), str(node.attribute))
+        clash = [producers[o] for o in node.output if o in producers]
+        if clash:
+            if any(c != key for c in clash):
+                raise RuntimeError(f"{src.name}: fp16 conversion produced two different nodes writing "
+                                   f"{list(node.output)}; export fp32 only (delete the fp16 step)")
+            continue
+        producers.update({o: key for o in node.output})
+        kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    _topological_sort(model.graph)  # it also appends the input Casts last; ONNX wants them first
+    onnx.checker.check_model(model)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(dst)
+    return {"bytes": dst.stat().st_size}
 
 
 def parity(path: Path, module: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
@@ -232,6 +323,10 @@ def export_bundle(vae_path: str | Path, dit_path: str | Path, out_dir: str | Pat
             "dit": export_dit(dit, tmp / "dit.onnx", latent, cfg.text.max_tokens, opset),
             "vae_decoder": export_vae_decoder(vae, tmp / "vae_decoder.onnx", latent, opset),
         }
+        # Half-precision DiT and decoder for GPUs; their parity is tested where a GPU exists
+        # (tests/test_onnx_runtime.py) with components.parity.FP16_TOLERANCE.
+        for name, fp16_name in FP16_FILES.items():
+            graphs[name]["fp16"] = export_fp16(tmp / f"{name}.onnx", tmp / fp16_name)
         src = model_path()
         for name in TOKENIZER_FILES:
             if (src / name).exists():
@@ -250,7 +345,7 @@ def export_bundle(vae_path: str | Path, dit_path: str | Path, out_dir: str | Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    sizes = {p.name: p.stat().st_size for p in out_dir.glob("*.onnx")}
+    sizes = {p.name: p.stat().st_size for p in out_dir.glob("*.onnx")}  # fp16 graphs included
     return {
         "max_abs_diff": {k: v["max_abs_diff"] for k, v in graphs.items()},
         "graphs": graphs,
