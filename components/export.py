@@ -55,8 +55,10 @@ class VAEDecoder(nn.Module):
 
 
 def onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[str],
-                output_names: list[str], dynamic: dict[str, dict[int, str]], opset: int) -> str:
-    """Export `module(*args)` to `path`; -> the exporter that succeeded ("dynamo" or "torchscript").
+                output_names: list[str], dynamic: dict[str, dict[int, str]], opset: int) -> tuple[str, dict]:
+    """Export `module(*args)` to `path`, then optimise it offline (`optimise_graph`).
+
+    -> the exporter that succeeded ("dynamo" or "torchscript") and the node counts.
 
     `dynamic` maps input names to {axis: name}; output axes follow from the graph (dynamo) or
     are declared batch-only (TorchScript).
@@ -71,8 +73,7 @@ def onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[st
                                      input_names=input_names, output_names=output_names,
                                      dynamic_shapes=dyn_shapes, verbose=False)
         prog.save(str(path))
-        optimise_graph(path)
-        return "dynamo"
+        return "dynamo", optimise_graph(path)
     except Exception as exc:  # noqa: BLE001 - any exporter failure falls back to TorchScript
         errors.append(f"dynamo: {type(exc).__name__}: {str(exc)[:300]}")
     try:
@@ -83,8 +84,7 @@ def onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[st
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names,
                               dynamic_axes=axes)
-        optimise_graph(path)
-        return "torchscript"
+        return "torchscript", optimise_graph(path)
     except Exception as exc:  # noqa: BLE001
         errors.append(f"torchscript: {type(exc).__name__}: {str(exc)[:300]}")
     raise RuntimeError(f"ONNX export of {path.name} failed with both exporters: " + " | ".join(errors))
@@ -204,7 +204,7 @@ def _dit_inputs(dit: DiT, batch: int, latent: tuple[int, int, int, int], max_tok
     }
 
 
-def _with_timing(fn: Callable[[], str]) -> tuple[str, float]:
+def _with_timing(fn: Callable[[], tuple[str, dict]]) -> tuple[tuple[str, dict], float]:
     t0 = time.time()
     out = fn()
     return out, time.time() - t0
@@ -221,10 +221,10 @@ def export_dit(dit: DiT, path: Path, latent: tuple[int, int, int, int], max_toke
     args = _dit_inputs(dit, EXPORT_BATCH, latent, max_tokens, gen)
     dynamic = {"x": {0: "batch", 2: "t", 3: "h", 4: "w"}, "t": {0: "batch"}, "ctx": {0: "batch"},
                "ctx_mask": {0: "batch"}}
-    exporter, seconds = _with_timing(lambda: onnx_export(
+    (exporter, optimised), seconds = _with_timing(lambda: onnx_export(
         dit, tuple(args.values()), path, list(args), ["v"], dynamic, opset))
     diff = parity(path, dit, _dit_inputs(dit, PARITY_BATCH, latent, max_tokens, gen))
-    out = {"exporter": exporter, "seconds": seconds, "max_abs_diff": diff}
+    out = {"exporter": exporter, "seconds": seconds, "max_abs_diff": diff, "optimised": optimised}
     c, t, h, w = latent
     pt = dit.patch[0]
     if t > pt:  # a shorter clip proves the time axis is dynamic too (the service may ask for it)
@@ -241,9 +241,11 @@ def export_vae_decoder(vae: VideoVAE, path: Path, latent: tuple[int, int, int, i
     decoder = VAEDecoder(vae).eval()
     z = torch.randn(EXPORT_BATCH, *latent, generator=gen) * vae.latent_std.view(1, -1, 1, 1, 1).cpu()
     dynamic = {"z": {0: "batch", 2: "t"}}
-    exporter, seconds = _with_timing(lambda: onnx_export(decoder, (z,), path, ["z"], ["video"], dynamic, opset))
+    (exporter, optimised), seconds = _with_timing(
+        lambda: onnx_export(decoder, (z,), path, ["z"], ["video"], dynamic, opset))
     z2 = torch.randn(PARITY_BATCH, *latent, generator=gen) * vae.latent_std.view(1, -1, 1, 1, 1).cpu()
-    return {"exporter": exporter, "seconds": seconds, "max_abs_diff": parity(path, decoder, {"z": z2})}
+    return {"exporter": exporter, "seconds": seconds, "max_abs_diff": parity(path, decoder, {"z": z2}),
+            "optimised": optimised}
 
 
 def _text_cache_key(opset: int, max_tokens: int) -> str:
@@ -260,9 +262,9 @@ def export_text_encoder(text: TextEncoder, path: Path, opset: int, cache_dir: Pa
     cached = Path(cache_dir) / f"text_encoder-{_text_cache_key(opset, ids.shape[1])}.onnx" if cache_dir else None
     if cached is not None and cached.exists():
         shutil.copy2(cached, path)
-        exporter, seconds = "cached", 0.0
+        (exporter, optimised), seconds = ("cached", {}), 0.0  # optimised before it was cached
     else:
-        exporter, seconds = _with_timing(lambda: onnx_export(
+        (exporter, optimised), seconds = _with_timing(lambda: onnx_export(
             text.model, (ids, mask), path, ["input_ids", "attention_mask"], ["tokens"], dynamic, opset))
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +274,7 @@ def export_text_encoder(text: TextEncoder, path: Path, opset: int, cache_dir: Pa
     ids3, mask3 = text.tokenize(["", "a large white triangle staying still on a noise background",
                                  "green circle up"])
     diff = parity(path, text.model, {"input_ids": ids3, "attention_mask": mask3})
-    return {"exporter": exporter, "seconds": seconds, "max_abs_diff": diff}
+    return {"exporter": exporter, "seconds": seconds, "max_abs_diff": diff, "optimised": optimised}
 
 
 # ----------------------------------------------------------------------------------------------
