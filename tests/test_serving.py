@@ -110,3 +110,54 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_lives_on(runtime):
     results, good = asyncio.run(main())
     assert all(isinstance(r, ValueError) and "num_frames" in str(r) for r in results)
     assert good.shape == (5, TINY["size"], TINY["size"], 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry -> model store: `zoetrope import-model`, and the ONNX flavour of every graph
+# ----------------------------------------------------------------------------------------------
+
+
+def test_import_model_copies_the_champion_from_the_registry_into_the_store(tmp_path, tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    import onnxruntime as ort
+
+    from flows import tracking
+    from flows.project import REGISTERED_MODEL, Project
+    from flows.registry import SERVING_REQUIREMENTS, ZoetropeOnnxModel, log_onnx_graphs
+    from tests.conftest import make_project
+
+    bundle = export_tiny_bundle(tmp_path_factory.getbasetemp() / "tiny-export").bundle
+    root = make_project(tmp_path / "project")
+    env = {k: v for k, v in os.environ.items() if k not in ("ZOETROPE_PROJECT", "MLFLOW_TRACKING_URI")}
+    old_uri = mlflow.get_tracking_uri()
+    try:
+        project = Project(root)
+        tracking.setup(project)
+        with mlflow.start_run():  # what the register stage logs, without the gates around it
+            info = mlflow.pyfunc.log_model(name="zoetrope-t2v", python_model=ZoetropeOnnxModel(),
+                                           artifacts={"bundle": str(bundle)}, pip_requirements=SERVING_REQUIREMENTS,
+                                           registered_model_name=REGISTERED_MODEL)
+            graphs = log_onnx_graphs(bundle)
+            run_id = mlflow.active_run().info.run_id
+        mlflow.MlflowClient().set_registered_model_alias(REGISTERED_MODEL, "champion", info.registered_model_version)
+        assert "onnx-dit" in graphs and "onnx-dit-fp16" in graphs
+        dit = mlflow.onnx.load_model(f"runs:/{run_id}/onnx-dit")  # the ONNX flavour loads on its own
+        sess = ort.InferenceSession(dit.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_inputs()] == ["x", "t", "ctx", "ctx_mask"]
+    finally:
+        mlflow.set_tracking_uri(old_uri)
+
+    env.update(BENTOML_HOME=str(tmp_path / "bentoml"), PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "import-model"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "zoetrope-t2v:" in proc.stdout
+    code = ("import bentoml; m = bentoml.models.get('zoetrope-t2v:latest'); "
+            "print(m.info.labels['alias'], m.info.labels['mlflow_version'], sorted(p.name for p in "
+            "__import__('pathlib').Path(m.path).glob('*.onnx')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("champion 1 ") and "dit_fp16.onnx" in out
