@@ -211,11 +211,11 @@ class OnnxT2V:
     `precision`: "fp32", "fp16" (the bundle's `*_fp16.onnx` DiT and decoder; inputs and outputs
     stay float32) or "auto": fp16 when the DiT runs on CUDA and the bundle has the fp16 graphs.
     On CUDA the DiT runs with IO binding: the text context is copied to the GPU once per
-    generation, not once per step.
+    generation, not once per step. `threads`: ORT intra-op threads on CPU (benchmarks pin it).
     """
 
     def __init__(self, bundle_dir: str | Path, providers: Sequence[str] | None = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", threads: int | None = None):
         self.bundle_dir = Path(bundle_dir)
         missing = [f for f in BUNDLE_FILES if not (self.bundle_dir / f).exists()]
         if missing:
@@ -237,6 +237,8 @@ class OnnxT2V:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only: ORT warns about every unused initialiser
+        if threads is not None:  # default: ORT's choice (one per physical core)
+            opts.intra_op_num_threads = threads
 
         def session(name: str) -> ort.InferenceSession:
             return ort.InferenceSession(str(self.bundle_dir / name), sess_options=opts, providers=providers)
