@@ -39,6 +39,10 @@ class Job:
     guidance: float
 
 
+class QueueFull(RuntimeError):
+    """More requests are waiting than the service accepts; the client should retry later."""
+
+
 RunBatch = Callable[[BatchKey, Sequence[Job]], np.ndarray]  # -> uint8 (B, T, H, W, 3)
 
 
@@ -54,19 +58,29 @@ class Batcher:
     """`await batcher.submit(key, job)` -> that job's video; `run_batch` runs in a worker thread."""
 
     def __init__(self, run_batch: RunBatch, max_batch_size: int, max_latency_ms: float,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, max_queued: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} is invalid: use at least 1")
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000.0
         self.on_batch = on_batch  # told each batch's size (the service feeds a Prometheus histogram)
+        self.max_queued = max_queued  # waiting requests beyond this are refused (QueueFull)
         self.batch_sizes: list[int] = []  # for tests and /info; bounded below
         self._pending: list[_Pending] = []
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def full(self) -> bool:
+        return self.max_queued is not None and len(self._pending) >= self.max_queued
+
     async def submit(self, key: BatchKey, job: Job) -> np.ndarray:
+        if self.full():
+            raise QueueFull(f"{len(self._pending)} requests are already waiting: retry later")
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():  # started lazily: needs the server's loop
             self._wake = asyncio.Event()

@@ -24,6 +24,7 @@ ASPECTS = ("1:1",)  # the DiT and VAE are trained on square clips; other aspects
 MAX_BODY_BYTES = 16 * 1024  # a full request is < 2 KB; larger bodies are 413 before parsing
 MAX_CONCURRENCY = 64  # requests in flight per worker; more are 429 (BentoML traffic limit)
 MAX_BATCH_SIZE = 8  # videos sampled together in one DiT call (bounds peak memory)
+MAX_QUEUED = 256  # requests waiting for a batch (tasks included); more are 429
 MAX_LATENCY_MS = 25  # how long the first request of a batch waits for company
 REQUEST_TIMEOUT_S = 600
 

@@ -42,8 +42,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from components.onnx_runtime import OnnxT2V
 from components.video_io import encode_gif, encode_mp4
-from serving.batching import BatchKey, Batcher, Job
-from serving.schema import (MAX_BATCH_SIZE, MAX_BODY_BYTES, MAX_CONCURRENCY, MAX_LATENCY_MS,
+from serving.batching import BatchKey, Batcher, Job, QueueFull
+from serving.schema import (MAX_BATCH_SIZE, MAX_BODY_BYTES, MAX_CONCURRENCY, MAX_LATENCY_MS, MAX_QUEUED,
                             REQUEST_TIMEOUT_S, ExpandRequest, GenerateRequest)
 from serving.store import MODEL_NAME
 
@@ -90,7 +90,7 @@ class TextToVideo:
         self.source = bundle if bundle else str(self.model.tag)
         self.pipeline = OnnxT2V(Path(bundle) if bundle else Path(self.model.path))
         self.batcher = Batcher(self._run_batch, MAX_BATCH_SIZE, MAX_LATENCY_MS,
-                               on_batch=batch_size_histogram.observe)
+                               on_batch=batch_size_histogram.observe, max_queued=MAX_QUEUED)
         # One real 1-step, 1-frame generation: the provider's kernels load now, and /readyz
         # says ready only once a forward pass has gone through every graph.
         self.pipeline.generate("warm-up", seed=0, steps=1, num_frames=1)
@@ -122,7 +122,7 @@ class TextToVideo:
         try:
             result = await asyncio.to_thread(_run_expand, request.prompt)
         except ExpandUnavailable as exc:
-            return _not_implemented(exc)
+            return _error(exc, HTTPStatus.NOT_IMPLEMENTED)
         return {"prompt": request.prompt, **result}
 
     # ---- helpers --------------------------------------------------------------------------
@@ -135,20 +135,23 @@ class TextToVideo:
         try:
             self.check(request)
         except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
+            return _error(exc, HTTPStatus.BAD_REQUEST)
         prompt = request.prompt
         if request.expand:
             try:
                 prompt = (await asyncio.to_thread(_run_expand, prompt))["caption"]
             except ExpandUnavailable as exc:
-                return _not_implemented(exc)
+                return _error(exc, HTTPStatus.NOT_IMPLEMENTED)
         info = self.pipeline.info
         key = BatchKey(steps=request.steps or info.steps, num_frames=request.num_frames or info.frames,
                        sampler=info.sampler)
         job = Job(prompt=prompt, negative_prompt=request.negative_prompt,
                   seed=0 if request.seed is None else request.seed,
                   guidance=info.guidance if request.guidance is None else request.guidance)
-        frames = await self.batcher.submit(key, job)  # uint8 (T, H, W, 3)
+        try:
+            frames = await self.batcher.submit(key, job)  # uint8 (T, H, W, 3)
+        except QueueFull as exc:
+            return _error(exc, HTTPStatus.TOO_MANY_REQUESTS)
         encode = encode_gif if request.format == "gif" else encode_mp4
         data = await asyncio.to_thread(encode, frames, self.pipeline.fps)
         return Response(data, media_type=MEDIA_TYPES[request.format],
@@ -168,12 +171,14 @@ class TextToVideo:
     def info(self) -> dict:
         recent = self.batcher.batch_sizes[-100:]
         return {"source": self.source, **self.pipeline.describe(),
-                "batching": {"max_batch_size": self.batcher.max_batch_size, "recent_batch_sizes": recent}}
+                "batching": {"max_batch_size": self.batcher.max_batch_size, "queued": self.batcher.queued,
+                             "recent_batch_sizes": recent}}
 
 
-def _not_implemented(exc: Exception) -> JSONResponse:
-    # Returned, not raised: BentoML replaces the message of every 5xx it catches with a generic one.
-    return JSONResponse({"error": str(exc)}, status_code=HTTPStatus.NOT_IMPLEMENTED)
+def _error(exc: Exception, status: HTTPStatus) -> JSONResponse:
+    # Returned, not raised: BentoML replaces the message of every 5xx it catches with a generic
+    # one, and wraps a 4xx body in a list; a task whose response is >= 400 is marked failed.
+    return JSONResponse({"error": str(exc)}, status_code=status)
 
 
 def _run_expand(prompt: str) -> dict:
@@ -205,7 +210,8 @@ class RequestGuard:
     - Bodies over MAX_BODY_BYTES are 413, read no further: a client cannot make the server
       buffer gigabytes.
     - Task submission is validated before a task is queued, so a bad request is a 400 now,
-      not a failed task later (BentoML queues any body).
+      not a failed task later (BentoML queues any body), and refused with 429 while
+      MAX_QUEUED requests wait: background tasks bypass BentoML's concurrency limit.
     - GET /readyz says, in JSON, whether the model is loaded and on which provider.
     """
 
@@ -249,6 +255,11 @@ class RequestGuard:
                 break
         body = b"".join(chunks)
         if path == f"{TASK_ROUTE}/submit":
+            service = bentoml.get_current_service()
+            if service is not None and service.batcher.full():
+                await JSONResponse({"error": "the task queue is full: retry later"}, status_code=429)(
+                    scope, receive, send)
+                return
             error = _submit_error(body)
             if error is not None:
                 await JSONResponse(error, status_code=400)(scope, receive, send)

@@ -161,3 +161,19 @@ def test_import_model_copies_the_champion_from_the_registry_into_the_store(tmp_p
             "__import__('pathlib').Path(m.path).glob('*.onnx')))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("champion 1 ") and "dit_fp16.onnx" in out
+
+
+def test_a_full_queue_refuses_new_requests_and_serves_the_queued_ones(runtime):
+    from serving.batching import QueueFull
+
+    calls: list = []
+
+    async def main():
+        batcher = _batcher(runtime, calls)
+        batcher.max_queued = 2
+        return await asyncio.gather(*(batcher.submit(KEY, job) for job in JOBS[:3]), return_exceptions=True)
+
+    first, second, third = asyncio.run(main())
+    assert isinstance(third, QueueFull) and "retry later" in str(third)
+    assert first.shape == second.shape == (5, TINY["size"], TINY["size"], 3)
+    assert calls == [(KEY, 2)]
