@@ -211,11 +211,12 @@ class OnnxT2V:
     `precision`: "fp32", "fp16" (the bundle's `*_fp16.onnx` DiT and decoder; inputs and outputs
     stay float32) or "auto": fp16 when the DiT runs on CUDA and the bundle has the fp16 graphs.
     On CUDA the DiT runs with IO binding: the text context is copied to the GPU once per
-    generation, not once per step. `threads`: ORT intra-op threads on CPU (benchmarks pin it).
+    generation, not once per step (`io_binding`: None = on CUDA only). `threads`: ORT intra-op
+    threads on CPU (benchmarks pin it).
     """
 
     def __init__(self, bundle_dir: str | Path, providers: Sequence[str] | None = None,
-                 precision: str = "auto", threads: int | None = None):
+                 precision: str = "auto", threads: int | None = None, io_binding: bool | None = None):
         self.bundle_dir = Path(bundle_dir)
         missing = [f for f in BUNDLE_FILES if not (self.bundle_dir / f).exists()]
         if missing:
@@ -251,7 +252,10 @@ class OnnxT2V:
             self._dit, self._decoder = session(FP16_FILES["dit"]), session(FP16_FILES["vae_decoder"])
         else:
             self._dit, self._decoder = session("dit.onnx"), session("vae_decoder.onnx")
-        self._io_binding = self.provider == "CUDAExecutionProvider"
+        # IO binding pays where inputs cross a bus (CUDA); on CPU it is the same copy either way
+        # and is only switched on explicitly (a test does, to run this code path without a GPU).
+        self._io_binding = self.provider == "CUDAExecutionProvider" if io_binding is None else io_binding
+        self._bind_device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self._tokenizer = Tokenizer.from_file(str(self.bundle_dir / "tokenizer.json"))
         # Pad and truncate to max_tokens here too, whatever tokenizer.json says: the DiT was
         # trained on exactly this many context tokens, padding masked out.
@@ -302,8 +306,9 @@ class OnnxT2V:
                 (v,) = self._dit.run(["v"], {"x": x, "t": t, "ctx": ctx, "ctx_mask": mask})
                 return v
             return run
-        ctx_gpu = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(ctx), "cuda", 0)
-        mask_gpu = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask), "cuda", 0)
+        device = self._bind_device
+        ctx_gpu = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(ctx), device, 0)
+        mask_gpu = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask), device, 0)
 
         def run_bound(x: np.ndarray, t: np.ndarray) -> np.ndarray:
             binding = self._dit.io_binding()
@@ -311,7 +316,7 @@ class OnnxT2V:
             binding.bind_cpu_input("t", t)
             binding.bind_ortvalue_input("ctx", ctx_gpu)
             binding.bind_ortvalue_input("ctx_mask", mask_gpu)
-            binding.bind_output("v", "cuda", 0)
+            binding.bind_output("v", device, 0)
             self._dit.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()[0]
         return run_bound

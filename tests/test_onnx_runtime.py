@@ -234,6 +234,16 @@ def test_cuda_fp32_with_io_binding_matches_cpu(tiny):
     assert np.abs(z_gpu - z_cpu).max() <= FP32_TOLERANCE * 10
 
 
+def test_io_binding_path_gives_the_same_latents(tiny, runtime):
+    """The IO-binding code path (CUDA's) run on CPU: same inputs bound, same output."""
+    bound = OnnxT2V(tiny.bundle, providers=["CPUExecutionProvider"], io_binding=True)
+    assert bound.describe()["io_binding"] and not runtime.describe()["io_binding"]
+    for guidance in ([2.0, 4.0], 1.0):
+        want = runtime.sample_latents(PROMPTS, SEEDS, steps=2, guidance=guidance, sampler="heun")
+        got = bound.sample_latents(PROMPTS, SEEDS, steps=2, guidance=guidance, sampler="heun")
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-row guidance and negative prompts (what the service batches)
 # ----------------------------------------------------------------------------------------------
