@@ -7,7 +7,10 @@ fixes them. The sampling loop is not exported: it is a few lines of numpy in
 
 Each graph is exported with the dynamo exporter first (it worked in calibration), the
 TorchScript exporter if that fails, then checked against PyTorch in ONNX Runtime (CPU) at a batch
-size never seen at export. The bundle is written to a temporary folder and renamed into place.
+size never seen at export. Every graph is rewritten by ONNX Runtime's offline (BASIC) optimiser
+before its parity check, so the check covers the file that ships. `dit_fp16.onnx` and
+`vae_decoder_fp16.onnx` are half-precision copies for the CUDA provider. The bundle is written to
+a temporary folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 
 from components.config import Config
 from components.dit import DiT, load_dit
+from components.onnx_runtime import FP16_FILES
 from components.text_encoder import TOKENIZER_FILES, TEXT_DIM, TextEncoder, model_path
 from components.vae import VideoVAE, load_vae
 
@@ -51,8 +55,10 @@ class VAEDecoder(nn.Module):
 
 
 def onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[str],
-                output_names: list[str], dynamic: dict[str, dict[int, str]], opset: int) -> str:
-    """Export `module(*args)` to `path`; -> the exporter that succeeded ("dynamo" or "torchscript").
+                output_names: list[str], dynamic: dict[str, dict[int, str]], opset: int) -> tuple[str, dict]:
+    """Export `module(*args)` to `path`, then optimise it offline (`optimise_graph`).
+
+    -> the exporter that succeeded ("dynamo" or "torchscript") and the node counts.
 
     `dynamic` maps input names to {axis: name}; output axes follow from the graph (dynamo) or
     are declared batch-only (TorchScript).
@@ -67,7 +73,7 @@ def onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[st
                                      input_names=input_names, output_names=output_names,
                                      dynamic_shapes=dyn_shapes, verbose=False)
         prog.save(str(path))
-        return "dynamo"
+        return "dynamo", optimise_graph(path)
     except Exception as exc:  # noqa: BLE001 - any exporter failure falls back to TorchScript
         errors.append(f"dynamo: {type(exc).__name__}: {str(exc)[:300]}")
     try:
@@ -78,10 +84,95 @@ def onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[st
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names,
                               dynamic_axes=axes)
-        return "torchscript"
+        return "torchscript", optimise_graph(path)
     except Exception as exc:  # noqa: BLE001
         errors.append(f"torchscript: {type(exc).__name__}: {str(exc)[:300]}")
     raise RuntimeError(f"ONNX export of {path.name} failed with both exporters: " + " | ".join(errors))
+
+
+def optimise_graph(path: Path) -> dict:
+    """Rewrite `path` in place with ONNX Runtime's offline graph optimisations; -> node counts.
+
+    BASIC level only (constant folding, redundant-node elimination, standard-op fusions): its
+    output is plain ONNX that every provider runs. EXTENDED/ALL fuse into provider-specific
+    contrib ops, so they are left to the session at load time (ORT_ENABLE_ALL in
+    `components/onnx_runtime.py`), where the provider is known.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    before = len(onnx.load(str(path), load_external_data=False).graph.node)
+    tmp = path.with_name(f".{path.name}.opt.tmp")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(tmp)
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        after = len(onnx.load(str(tmp), load_external_data=False).graph.node)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"nodes_before": before, "nodes_after": after}
+
+
+def _topological_sort(graph) -> None:
+    """Reorder `graph.node` so every node follows the producers of its inputs (Kahn's order)."""
+    produced_by = {out: i for i, n in enumerate(graph.node) for out in n.output}
+    nodes = list(graph.node)
+    done: set[int] = set()
+    order: list[int] = []
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:  # iterative DFS: graphs have thousands of nodes
+            i, expanded = stack.pop()
+            if i in done:
+                continue
+            if expanded:
+                done.add(i)
+                order.append(i)
+                continue
+            stack.append((i, True))
+            for name in nodes[i].input:
+                j = produced_by.get(name)
+                if j is not None and j not in done:
+                    stack.append((j, False))
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+
+
+def export_fp16(src: Path, dst: Path) -> dict:
+    """`src` (float32) -> `dst` with fp16 weights and arithmetic, float32 inputs and outputs.
+
+    For the CUDA provider (tensor cores); on CPU ORT runs fp16 mostly through casts, so the
+    runtime picks these graphs only on a GPU. Tested against PyTorch where a GPU exists.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=False)
+    # The converter names every inserted Cast after the tensor it casts, so a tensor cast twice
+    # (it feeds two fp32-only ops) yields two identical Casts with one output, which ONNX
+    # rejects (not SSA): keep the first.
+    kept, producers = [], {}
+    for node in model.graph.node:
+        key = (node.op_type, tuple(node.input), str(node.attribute))
+        clash = [producers[o] for o in node.output if o in producers]
+        if clash:
+            if any(c != key for c in clash):
+                raise RuntimeError(f"{src.name}: fp16 conversion produced two different nodes writing "
+                                   f"{list(node.output)}; export fp32 only (delete the fp16 step)")
+            continue
+        producers.update({o: key for o in node.output})
+        kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    _topological_sort(model.graph)  # it also appends the input Casts last; ONNX wants them first
+    onnx.checker.check_model(model)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(dst)
+    return {"bytes": dst.stat().st_size}
 
 
 def parity(path: Path, module: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
@@ -113,7 +204,7 @@ def _dit_inputs(dit: DiT, batch: int, latent: tuple[int, int, int, int], max_tok
     }
 
 
-def _with_timing(fn: Callable[[], str]) -> tuple[str, float]:
+def _with_timing(fn: Callable[[], tuple[str, dict]]) -> tuple[tuple[str, dict], float]:
     t0 = time.time()
     out = fn()
     return out, time.time() - t0
@@ -130,10 +221,10 @@ def export_dit(dit: DiT, path: Path, latent: tuple[int, int, int, int], max_toke
     args = _dit_inputs(dit, EXPORT_BATCH, latent, max_tokens, gen)
     dynamic = {"x": {0: "batch", 2: "t", 3: "h", 4: "w"}, "t": {0: "batch"}, "ctx": {0: "batch"},
                "ctx_mask": {0: "batch"}}
-    exporter, seconds = _with_timing(lambda: onnx_export(
+    (exporter, optimised), seconds = _with_timing(lambda: onnx_export(
         dit, tuple(args.values()), path, list(args), ["v"], dynamic, opset))
     diff = parity(path, dit, _dit_inputs(dit, PARITY_BATCH, latent, max_tokens, gen))
-    out = {"exporter": exporter, "seconds": seconds, "max_abs_diff": diff}
+    out = {"exporter": exporter, "seconds": seconds, "max_abs_diff": diff, "optimised": optimised}
     c, t, h, w = latent
     pt = dit.patch[0]
     if t > pt:  # a shorter clip proves the time axis is dynamic too (the service may ask for it)
@@ -150,9 +241,11 @@ def export_vae_decoder(vae: VideoVAE, path: Path, latent: tuple[int, int, int, i
     decoder = VAEDecoder(vae).eval()
     z = torch.randn(EXPORT_BATCH, *latent, generator=gen) * vae.latent_std.view(1, -1, 1, 1, 1).cpu()
     dynamic = {"z": {0: "batch", 2: "t"}}
-    exporter, seconds = _with_timing(lambda: onnx_export(decoder, (z,), path, ["z"], ["video"], dynamic, opset))
+    (exporter, optimised), seconds = _with_timing(
+        lambda: onnx_export(decoder, (z,), path, ["z"], ["video"], dynamic, opset))
     z2 = torch.randn(PARITY_BATCH, *latent, generator=gen) * vae.latent_std.view(1, -1, 1, 1, 1).cpu()
-    return {"exporter": exporter, "seconds": seconds, "max_abs_diff": parity(path, decoder, {"z": z2})}
+    return {"exporter": exporter, "seconds": seconds, "max_abs_diff": parity(path, decoder, {"z": z2}),
+            "optimised": optimised}
 
 
 def _text_cache_key(opset: int, max_tokens: int) -> str:
@@ -169,9 +262,9 @@ def export_text_encoder(text: TextEncoder, path: Path, opset: int, cache_dir: Pa
     cached = Path(cache_dir) / f"text_encoder-{_text_cache_key(opset, ids.shape[1])}.onnx" if cache_dir else None
     if cached is not None and cached.exists():
         shutil.copy2(cached, path)
-        exporter, seconds = "cached", 0.0
+        (exporter, optimised), seconds = ("cached", {}), 0.0  # optimised before it was cached
     else:
-        exporter, seconds = _with_timing(lambda: onnx_export(
+        (exporter, optimised), seconds = _with_timing(lambda: onnx_export(
             text.model, (ids, mask), path, ["input_ids", "attention_mask"], ["tokens"], dynamic, opset))
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +274,7 @@ def export_text_encoder(text: TextEncoder, path: Path, opset: int, cache_dir: Pa
     ids3, mask3 = text.tokenize(["", "a large white triangle staying still on a noise background",
                                  "green circle up"])
     diff = parity(path, text.model, {"input_ids": ids3, "attention_mask": mask3})
-    return {"exporter": exporter, "seconds": seconds, "max_abs_diff": diff}
+    return {"exporter": exporter, "seconds": seconds, "max_abs_diff": diff, "optimised": optimised}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,6 +325,10 @@ def export_bundle(vae_path: str | Path, dit_path: str | Path, out_dir: str | Pat
             "dit": export_dit(dit, tmp / "dit.onnx", latent, cfg.text.max_tokens, opset),
             "vae_decoder": export_vae_decoder(vae, tmp / "vae_decoder.onnx", latent, opset),
         }
+        # Half-precision DiT and decoder for GPUs; their parity is tested where a GPU exists
+        # (tests/test_onnx_runtime.py) with components.parity.FP16_TOLERANCE.
+        for name, fp16_name in FP16_FILES.items():
+            graphs[name]["fp16"] = export_fp16(tmp / f"{name}.onnx", tmp / fp16_name)
         src = model_path()
         for name in TOKENIZER_FILES:
             if (src / name).exists():
@@ -250,7 +347,7 @@ def export_bundle(vae_path: str | Path, dit_path: str | Path, out_dir: str | Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    sizes = {p.name: p.stat().st_size for p in out_dir.glob("*.onnx")}
+    sizes = {p.name: p.stat().st_size for p in out_dir.glob("*.onnx")}  # fp16 graphs included
     return {
         "max_abs_diff": {k: v["max_abs_diff"] for k, v in graphs.items()},
         "graphs": graphs,

@@ -23,6 +23,9 @@ from tokenizers import Tokenizer
 from components import schedule
 
 BUNDLE_FILES = ("text_encoder.onnx", "dit.onnx", "vae_decoder.onnx", "tokenizer.json", "bundle.json")
+# Optional half-precision graphs for GPUs (float32 inputs and outputs, fp16 inside).
+FP16_FILES = {"dit": "dit_fp16.onnx", "vae_decoder": "vae_decoder_fp16.onnx"}
+PRECISIONS = ("auto", "fp32", "fp16")
 SAMPLERS = ("euler", "heun")
 
 
@@ -203,9 +206,17 @@ class BundleInfo:
 
 
 class OnnxT2V:
-    """The exported text-to-video pipeline: prompt -> uint8 video (T, H, W, 3)."""
+    """The exported text-to-video pipeline: prompt -> uint8 video (T, H, W, 3).
 
-    def __init__(self, bundle_dir: str | Path, providers: Sequence[str] | None = None):
+    `precision`: "fp32", "fp16" (the bundle's `*_fp16.onnx` DiT and decoder; inputs and outputs
+    stay float32) or "auto": fp16 when the DiT runs on CUDA and the bundle has the fp16 graphs.
+    On CUDA the DiT runs with IO binding: the text context is copied to the GPU once per
+    generation, not once per step (`io_binding`: None = on CUDA only). `threads`: ORT intra-op
+    threads on CPU (benchmarks pin it).
+    """
+
+    def __init__(self, bundle_dir: str | Path, providers: Sequence[str] | None = None,
+                 precision: str = "auto", threads: int | None = None, io_binding: bool | None = None):
         self.bundle_dir = Path(bundle_dir)
         missing = [f for f in BUNDLE_FILES if not (self.bundle_dir / f).exists()]
         if missing:
@@ -213,21 +224,38 @@ class OnnxT2V:
                 f"{self.bundle_dir}: not an ONNX bundle, missing {', '.join(missing)} "
                 "(run the export stage, or point ZOETROPE_BUNDLE at models/onnx)"
             )
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is invalid: use one of {', '.join(PRECISIONS)}")
         self.info = BundleInfo.load(self.bundle_dir / "bundle.json")
         providers = list(providers) if providers is not None else available_providers()
         if "CUDAExecutionProvider" in providers:
             _preload_cuda_libraries()
+        has_fp16 = all((self.bundle_dir / f).exists() for f in FP16_FILES.values())
+        if precision == "fp16" and not has_fp16:
+            raise FileNotFoundError(f"{self.bundle_dir}: precision='fp16' needs {', '.join(FP16_FILES.values())}: "
+                                    "re-export the bundle with components.export.export_bundle")
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only: ORT warns about every unused initialiser
+        if threads is not None:  # default: ORT's choice (one per physical core)
+            opts.intra_op_num_threads = threads
 
         def session(name: str) -> ort.InferenceSession:
             return ort.InferenceSession(str(self.bundle_dir / name), sess_options=opts, providers=providers)
 
         self._text = session("text_encoder.onnx")
-        self._dit = session("dit.onnx")
-        self._decoder = session("vae_decoder.onnx")
+        cuda = "CUDAExecutionProvider" in providers
+        # fp16 pays off only on a GPU; ORT's CPU provider runs most fp16 ops through casts.
+        self.precision = "fp16" if precision == "fp16" or (precision == "auto" and cuda and has_fp16) else "fp32"
+        if self.precision == "fp16":
+            self._dit, self._decoder = session(FP16_FILES["dit"]), session(FP16_FILES["vae_decoder"])
+        else:
+            self._dit, self._decoder = session("dit.onnx"), session("vae_decoder.onnx")
+        # IO binding pays where inputs cross a bus (CUDA); on CPU it is the same copy either way
+        # and is only switched on explicitly (a test does, to run this code path without a GPU).
+        self._io_binding = self.provider == "CUDAExecutionProvider" if io_binding is None else io_binding
+        self._bind_device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self._tokenizer = Tokenizer.from_file(str(self.bundle_dir / "tokenizer.json"))
         # Pad and truncate to max_tokens here too, whatever tokenizer.json says: the DiT was
         # trained on exactly this many context tokens, padding masked out.
@@ -267,50 +295,77 @@ class OnnxT2V:
         (tokens,) = self._text.run(["tokens"], {"input_ids": ids, "attention_mask": mask})
         return tokens.astype(np.float32, copy=False), mask.astype(bool)
 
-    def _velocity(self, x: np.ndarray, t: np.float32, ctx: np.ndarray, mask: np.ndarray,
-                  guidance: float) -> np.ndarray:
-        """Guided v for x (B, c, t, h, w); ctx/mask hold B conditional then B unconditional rows.
+    def _dit_runner(self, ctx: np.ndarray, mask: np.ndarray):
+        """-> run(x, t) -> v for a fixed text context ctx (N, L, 384) / mask (N, L).
 
-        As `rectified_flow._velocity`: guidance 1 is the conditional branch alone.
+        On CUDA the context is copied to the GPU once and bound for every step (IO binding);
+        x and t change each step and are copied in, v is copied out.
         """
-        b = x.shape[0]
-        if guidance == 1.0:
-            (v,) = self._dit.run(["v"], {"x": x, "t": np.full((b,), t, np.float32),
-                                         "ctx": ctx[:b], "ctx_mask": mask[:b]})
-            return v
-        x2 = np.concatenate([x, x])  # (2B, c, t, h, w)
-        t2 = np.full((2 * b,), t, np.float32)
-        (v,) = self._dit.run(["v"], {"x": x2, "t": t2, "ctx": ctx, "ctx_mask": mask})
-        v_cond, v_uncond = v[:b], v[b:]
-        return v_uncond + np.float32(guidance) * (v_cond - v_uncond)
+        if not self._io_binding:
+            def run(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+                (v,) = self._dit.run(["v"], {"x": x, "t": t, "ctx": ctx, "ctx_mask": mask})
+                return v
+            return run
+        device = self._bind_device
+        ctx_gpu = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(ctx), device, 0)
+        mask_gpu = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask), device, 0)
+
+        def run_bound(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+            binding = self._dit.io_binding()
+            binding.bind_cpu_input("x", np.ascontiguousarray(x))
+            binding.bind_cpu_input("t", t)
+            binding.bind_ortvalue_input("ctx", ctx_gpu)
+            binding.bind_ortvalue_input("ctx_mask", mask_gpu)
+            binding.bind_output("v", device, 0)
+            self._dit.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0]
+        return run_bound
+
+    def decode_float(self, z_norm: np.ndarray) -> np.ndarray:
+        """Normalised latents (B, c, t, h, w) -> float32 videos (B, 3, T, H, W) in about [-1, 1]."""
+        z = (z_norm * self._std + self._mean).astype(np.float32)
+        (video,) = self._decoder.run(["video"], {"z": z})
+        return video
 
     def decode(self, z_norm: np.ndarray) -> np.ndarray:
         """Normalised latents (B, c, t, h, w) -> uint8 videos (B, T, H, W, 3)."""
-        z = (z_norm * self._std + self._mean).astype(np.float32)
-        (video,) = self._decoder.run(["video"], {"z": z})  # (B, 3, T, H, W) in [-1, 1]
+        video = self.decode_float(z_norm)  # (B, 3, T, H, W) in [-1, 1]
         frames = np.round((np.clip(video, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)  # as vae.to_uint8
         return np.ascontiguousarray(frames.transpose(0, 2, 3, 4, 1))  # (B, T, H, W, 3)
 
     # ---- generation -----------------------------------------------------------------------
 
-    def _resolve(self, steps: Any, guidance: Any, num_frames: Any, sampler: Any) -> tuple[int, float, int, str]:
+    def _resolve(self, steps: Any, num_frames: Any, sampler: Any) -> tuple[int, int, str]:
         steps = self.info.steps if steps is None else steps
-        guidance = self.info.guidance if guidance is None else guidance
         num_frames = self.info.frames if num_frames is None else num_frames
         sampler = self.info.sampler if sampler is None else sampler
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"steps={steps!r} is invalid: use a positive integer")
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating)) \
-                or not np.isfinite(guidance) or guidance < 0:
-            raise ValueError(f"guidance={guidance!r} is invalid: use a number >= 0")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r} is invalid: use one of {', '.join(SAMPLERS)}")
-        return int(steps), float(guidance), self.limits.check_frames(num_frames), sampler
+        return int(steps), self.limits.check_frames(num_frames), sampler
+
+    def _guidances(self, guidance: Any, b: int) -> np.ndarray:
+        """One guidance per video: float32 (B,) from None (the bundle's), one number or B numbers."""
+        guidance = self.info.guidance if guidance is None else guidance
+        values = list(guidance) if isinstance(guidance, (list, tuple, np.ndarray)) else [guidance] * b
+        if len(values) != b:
+            raise ValueError(f"guidance has {len(values)} values for {b} prompts: pass one or one per prompt")
+        for g in values:
+            if isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(g) or g < 0:
+                raise ValueError(f"guidance={g!r} is invalid: use a number >= 0")
+        return np.asarray(values, np.float32)
 
     def sample_latents(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
-                       guidance: float | None = None, num_frames: int | None = None,
-                       sampler: str | None = None) -> np.ndarray:
-        """Normalised latents float32 (B, c, t, h, w), as `rectified_flow.sample` integrates them."""
+                       guidance: float | Sequence[float] | None = None, num_frames: int | None = None,
+                       sampler: str | None = None,
+                       negative_prompts: Sequence[str] | None = None) -> np.ndarray:
+        """Normalised latents float32 (B, c, t, h, w), as `rectified_flow.sample` integrates them.
+
+        `guidance` is one number or one per prompt; `negative_prompts` (one per prompt) replace
+        the empty caption of the unconditional branch, as in Stable Diffusion's negative prompt.
+        """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts should be a list of strings")
         if len(prompts) == 0 or len(prompts) != len(seeds):
@@ -319,48 +374,76 @@ class OnnxT2V:
         for seed in seeds:
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
                 raise ValueError(f"seed={seed!r} is invalid: use an integer >= 0")
-        steps, guidance, num_frames, sampler = self._resolve(steps, guidance, num_frames, sampler)
-
         b = len(prompts)
+        if negative_prompts is None:
+            negative_prompts = [""] * b
+        if isinstance(negative_prompts, str) or len(negative_prompts) != b \
+                or not all(isinstance(n, str) for n in negative_prompts):
+            raise ValueError(f"negative_prompts should be a list of {b} strings, one per prompt")
+        steps, num_frames, sampler = self._resolve(steps, num_frames, sampler)
+        g = self._guidances(guidance, b)
+
         shape = self.info.latent_shape(num_frames)
         # Each video's noise is drawn alone so a batch reproduces the single-prompt videos.
         x = np.concatenate([schedule.initial_noise(int(s), (1, *shape)) for s in seeds])  # (B, c, t, h, w)
-        tokens, mask = self.encode_text([*prompts, ""])
-        ctx = np.concatenate([tokens[:b], np.repeat(tokens[b:], b, axis=0)])  # (2B, L, 384)
-        ctx_mask = np.concatenate([mask[:b], np.repeat(mask[b:], b, axis=0)])  # (2B, L)
+        uncond = list(dict.fromkeys(negative_prompts))  # each distinct negative encoded once
+        tokens, mask = self.encode_text([*prompts, *uncond])
+        row = {text: b + i for i, text in enumerate(uncond)}
+        pick = [row[n] for n in negative_prompts]
+        cond_only = bool(np.all(g == 1.0))  # guidance 1 is the conditional branch alone
+        if cond_only:
+            run = self._dit_runner(tokens[:b], mask[:b])
+        else:
+            run = self._dit_runner(np.concatenate([tokens[:b], tokens[pick]]),  # (2B, L, 384)
+                                   np.concatenate([mask[:b], mask[pick]]))  # (2B, L)
+        gb = g.reshape(b, 1, 1, 1, 1)
+
+        def velocity(x: np.ndarray, t: np.float32) -> np.ndarray:
+            """Guided v, as `rectified_flow._velocity`: cond and uncond in one DiT call."""
+            if cond_only:
+                return run(x, np.full((b,), t, np.float32))
+            v = run(np.concatenate([x, x]), np.full((2 * b,), t, np.float32))  # (2B, c, t, h, w)
+            v_cond, v_uncond = v[:b], v[b:]
+            return v_uncond + gb * (v_cond - v_uncond)
 
         ts = schedule.timesteps(steps, self.info.shift_for(num_frames))
         for t, t_next in zip(ts[:-1], ts[1:]):
             dt = t_next - t  # negative: from noise towards data
-            v = self._velocity(x, t, ctx, ctx_mask, guidance)
+            v = velocity(x, t)
             if sampler == "heun" and t_next > 0:
                 x_euler = x + dt * v
-                v_next = self._velocity(x_euler, t_next, ctx, ctx_mask, guidance)
+                v_next = velocity(x_euler, t_next)
                 x = x + dt * 0.5 * (v + v_next)
             else:
                 x = x + dt * v
         return x.astype(np.float32, copy=False)
 
     def generate_batch(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
-                       guidance: float | None = None, num_frames: int | None = None,
-                       sampler: str | None = None) -> np.ndarray:
+                       guidance: float | Sequence[float] | None = None, num_frames: int | None = None,
+                       sampler: str | None = None,
+                       negative_prompts: Sequence[str] | None = None) -> np.ndarray:
         """One video per (prompt, seed): uint8 (B, T, H, W, 3).
 
         Video i is `generate(prompts[i], seeds[i])` up to float rounding of the larger batch.
         """
-        return self.decode(self.sample_latents(prompts, seeds, steps, guidance, num_frames, sampler))
+        return self.decode(self.sample_latents(prompts, seeds, steps, guidance, num_frames, sampler,
+                                               negative_prompts))
 
     def generate(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 num_frames: int | None = None, sampler: str | None = None) -> np.ndarray:
+                 num_frames: int | None = None, sampler: str | None = None,
+                 negative_prompt: str = "") -> np.ndarray:
         """uint8 video (T, H, W, 3) for one prompt."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt={prompt!r} is invalid: use a string")
-        return self.generate_batch([prompt], [seed], steps, guidance, num_frames, sampler)[0]
+        return self.generate_batch([prompt], [seed], steps, guidance, num_frames, sampler,
+                                   [negative_prompt])[0]
 
     def describe(self) -> dict:
         """Provider and bundle metadata, as the service's /info reports them."""
         return {
             "provider": self.provider,
+            "precision": self.precision,
+            "io_binding": self._io_binding,
             "bundle": self.info.raw,
             "limits": {"time_down": self.limits.time_down, "max_frames": self.limits.max_frames,
                        "allowed_frames": self.limits.allowed_frames(),

@@ -5,6 +5,7 @@
   zoetrope generate "PROMPT" --out FILE.mp4 [--seed N]         from the champion, via ONNX
   zoetrope expand "PROMPT" [--json]                            the long caption generation uses
   zoetrope serve [--port N]                                    the Bento service on localhost
+  zoetrope import-model [--version N]                          registry -> BentoML model store
   zoetrope stage NAME                                          one DVC stage (dvc.yaml's cmd)
   zoetrope resolve [--profile NAME] [--set ...]                write the params DVC reads
 
@@ -186,6 +187,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_import_model(args) -> int:
+    bundle_dir, version = _bundle(args)
+    from flows import tracking
+    from flows.project import REGISTERED_MODEL
+    from serving.store import import_bundle
+
+    champion = tracking.champion_version(_project())
+    labels = {"mlflow_version": version, "alias": "champion" if str(champion) == str(version) else "none"}
+    tag = import_bundle(bundle_dir, labels=labels,
+                        metadata={"mlflow_model": f"models:/{REGISTERED_MODEL}/{version}"})
+    print(f"imported zoetrope-t2v version {version} into the BentoML model store as {tag} "
+          "(serve it: bentoml serve serving.service:TextToVideo; pack it: bentoml build)")
+    return 0
+
+
 def cmd_serve(args) -> int:
     bundle_dir, version = _bundle(args)
     env = dict(os.environ, ZOETROPE_BUNDLE=str(bundle_dir))
@@ -262,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=seed, default=0, help="seed for the attributes the prompt leaves open")
     sp.add_argument("--json", action="store_true", help="print the attributes, grounding and ungrounded words")
     sp.set_defaults(fn=cmd_expand)
+
+    sp = sub.add_parser("import-model", help="copy a registered version (default: champion) into the "
+                        "BentoML model store, where the service and `bentoml build` find it")
+    sp.add_argument("--version", default=None, help="registered model version (default: champion)")
+    sp.set_defaults(fn=cmd_import_model)
 
     sp = sub.add_parser("serve", help="serve the champion with BentoML on localhost")
     sp.add_argument("--port", type=positive, default=3000)

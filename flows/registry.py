@@ -54,6 +54,28 @@ def all_gates(evaluation: dict, export_report: dict) -> list[dict]:
     return gates
 
 
+ONNX_REQUIREMENTS = ["onnx==1.23.2", "onnxruntime-gpu==1.31.1"]
+
+
+def log_onnx_graphs(bundle_dir: Path) -> list[str]:
+    """Each ORT-optimised graph of the bundle (fp32 and fp16) with MLflow's ONNX flavour.
+
+    The pyfunc above is what serves; these make every graph loadable on its own with
+    `mlflow.onnx.load_model` and visible as an ONNX model in the MLflow UI.
+    """
+    import onnx
+    import mlflow.onnx
+
+    names = []
+    for path in sorted(Path(bundle_dir).glob("*.onnx")):
+        name = f"onnx-{path.stem.replace('_', '-')}"
+        mlflow.onnx.log_model(onnx.load(str(path)), name=name, save_as_external_data=False,
+                              pip_requirements=ONNX_REQUIREMENTS,
+                              onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        names.append(name)
+    return names
+
+
 def register_bundle(project: Project, cfg: Config, bundle_dir: Path, evaluation: dict,
                     export_report: dict) -> dict:
     gates = all_gates(evaluation, export_report)
@@ -67,6 +89,7 @@ def register_bundle(project: Project, cfg: Config, bundle_dir: Path, evaluation:
         metadata={"gates_passed": passed},
     )
     version = str(info.registered_model_version)
+    log_onnx_graphs(bundle_dir)
     client = MlflowClient()
     for g in gates:
         client.set_model_version_tag(REGISTERED_MODEL, version, f"gate.{g['name']}",

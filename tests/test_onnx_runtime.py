@@ -27,6 +27,7 @@ class TinyModels:
     dit: Path
     bundle: Path
     max_tokens: int
+    report: dict  # export_bundle's: per-graph parity, exporter, node counts
 
 
 @functools.cache
@@ -55,8 +56,17 @@ def export_tiny_bundle(root: Path) -> TinyModels:
         for p in dit.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     save_model(root / "dit.pt", "dit", dit_config_dict(spec, cfg.dit), dit.state_dict())
-    export_bundle(root / "vae.pt", root / "dit.pt", root / "onnx", cfg)
-    return TinyModels(root / "vae.pt", root / "dit.pt", root / "onnx", TINY["max_tokens"])
+    report = export_bundle(root / "vae.pt", root / "dit.pt", root / "onnx", cfg)
+    return TinyModels(root / "vae.pt", root / "dit.pt", root / "onnx", TINY["max_tokens"], report)
+
+
+def tiny_config():
+    """The Config the tiny bundle was exported with (sampling: 3 Euler steps, guidance 3)."""
+    from components.config import Config, DataConfig, SampleConfig, TextConfig
+
+    return Config(data=DataConfig(size=TINY["size"], frames=TINY["frames"], fps=TINY["fps"]),
+                  text=TextConfig(max_tokens=TINY["max_tokens"]),
+                  sample=SampleConfig(steps=3, guidance=3.0, sampler="euler"))
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +168,118 @@ def test_bad_arguments_raise_naming_them(runtime, kwargs, name):
 def test_missing_bundle_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="dit.onnx"):
         OnnxT2V(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: optimised graphs, whole-generation parity, fp16
+# ----------------------------------------------------------------------------------------------
+
+
+def test_graphs_are_optimised_offline_and_parity_holds_at_unseen_shapes(tiny):
+    import onnx
+
+    graphs = tiny.report["graphs"]
+    for name in ("dit", "vae_decoder"):
+        counts = graphs[name]["optimised"]
+        assert counts["nodes_after"] <= counts["nodes_before"]
+        shipped = onnx.load(str(tiny.bundle / f"{name}.onnx"))
+        assert len(shipped.graph.node) == counts["nodes_after"]  # the optimised graph is what ships
+        assert graphs[name]["max_abs_diff"] < 1e-4  # checked at batch 3; export used batch 2
+    assert graphs["dit"]["max_abs_diff_short"] < 1e-4  # and at a shorter clip (time axis)
+    assert graphs["text_encoder"]["max_abs_diff"] < 1e-4
+
+
+def test_whole_generation_matches_pytorch_within_the_stated_tolerance(tiny):
+    from components.parity import FP32_TOLERANCE, generation_parity
+
+    out = generation_parity(tiny.bundle, tiny.vae, tiny.dit, tiny_config(), seed=11)
+    assert out["precision"] == "fp32"
+    assert out["latent_max_abs_diff"] <= FP32_TOLERANCE
+    assert out["video_max_abs_diff"] <= FP32_TOLERANCE
+
+
+def test_fp16_graphs_keep_float32_io_and_hold_fp16_weights(tiny):
+    import onnx
+
+    from components.onnx_runtime import FP16_FILES
+
+    for fp32_name, fp16_name in FP16_FILES.items():
+        fp16 = onnx.load(str(tiny.bundle / fp16_name))
+        fp32 = onnx.load(str(tiny.bundle / f"{fp32_name}.onnx"))
+        io = lambda m: [(v.name, v.type.tensor_type.elem_type) for v in (*m.graph.input, *m.graph.output)]  # noqa: E731
+        assert io(fp16) == io(fp32)  # a drop-in replacement for the runtime
+        dtypes = {init.data_type for init in fp16.graph.initializer if len(init.dims) > 1}
+        assert dtypes == {onnx.TensorProto.FLOAT16}
+
+
+@pytest.mark.skipif(not has_gpu(), reason="fp16 and IO binding are GPU paths: no GPU here")
+def test_fp16_generation_on_gpu_matches_pytorch_within_its_tolerance(tiny):
+    from components.parity import FP16_TOLERANCE, generation_parity
+
+    out = generation_parity(tiny.bundle, tiny.vae, tiny.dit, tiny_config(), seed=11,
+                            providers=["CUDAExecutionProvider", "CPUExecutionProvider"], precision="fp16")
+    assert out["provider"] == "CUDAExecutionProvider"
+    assert out["max_abs_diff"] <= FP16_TOLERANCE
+
+
+@pytest.mark.skipif(not has_gpu(), reason="fp16 and IO binding are GPU paths: no GPU here")
+def test_cuda_fp32_with_io_binding_matches_cpu(tiny):
+    from components.parity import FP32_TOLERANCE
+
+    gpu = OnnxT2V(tiny.bundle, precision="fp32")
+    cpu = OnnxT2V(tiny.bundle, providers=["CPUExecutionProvider"])
+    assert gpu.provider == "CUDAExecutionProvider" and gpu.describe()["io_binding"]
+    z_gpu, z_cpu = (r.sample_latents(PROMPTS, SEEDS, steps=3, guidance=[2.0, 4.0]) for r in (gpu, cpu))
+    # TF32/cuDNN kernels differ from MLAS in the last bits; the same tolerance as against PyTorch
+    assert np.abs(z_gpu - z_cpu).max() <= FP32_TOLERANCE * 10
+
+
+def test_io_binding_path_gives_the_same_latents(tiny, runtime):
+    """The IO-binding code path (CUDA's) run on CPU: same inputs bound, same output."""
+    bound = OnnxT2V(tiny.bundle, providers=["CPUExecutionProvider"], io_binding=True)
+    assert bound.describe()["io_binding"] and not runtime.describe()["io_binding"]
+    for guidance in ([2.0, 4.0], 1.0):
+        want = runtime.sample_latents(PROMPTS, SEEDS, steps=2, guidance=guidance, sampler="heun")
+        got = bound.sample_latents(PROMPTS, SEEDS, steps=2, guidance=guidance, sampler="heun")
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row guidance and negative prompts (what the service batches)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_per_row_guidance_and_negatives_reproduce_single_calls(runtime):
+    negatives = ["", "a red circle"]
+    batch = runtime.generate_batch(PROMPTS, SEEDS, guidance=[2.0, 5.0], negative_prompts=negatives)
+    for video, prompt, seed, g, neg in zip(batch, PROMPTS, SEEDS, [2.0, 5.0], negatives):
+        single = runtime.generate(prompt, seed=seed, guidance=g, negative_prompt=neg)
+        assert np.abs(video.astype(int) - single).max() <= 1
+
+
+def test_negative_prompt_changes_the_video(runtime):
+    plain = runtime.generate(PROMPTS[0], seed=5, guidance=4.0)
+    steered = runtime.generate(PROMPTS[0], seed=5, guidance=4.0, negative_prompt="a small blue square")
+    assert not np.array_equal(plain, steered)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"guidance": [1.0]}, "guidance"), ({"guidance": [1.0, float("nan")]}, "guidance"),
+    ({"negative_prompts": ["only one"]}, "negative_prompts"), ({"negative_prompts": "x"}, "negative_prompts"),
+])
+def test_bad_batch_arguments_raise_naming_them(runtime, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        runtime.generate_batch(PROMPTS, SEEDS, **kwargs)
+
+
+def test_unknown_precision_and_missing_fp16_are_named(tiny, tmp_path):
+    import shutil
+
+    with pytest.raises(ValueError, match="precision"):
+        OnnxT2V(tiny.bundle, precision="int8")
+    bare = tmp_path / "bundle"
+    shutil.copytree(tiny.bundle, bare)
+    (bare / "dit_fp16.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="dit_fp16.onnx"):
+        OnnxT2V(bare, precision="fp16")
+    assert OnnxT2V(bare, providers=["CPUExecutionProvider"]).precision == "fp32"  # auto falls back

@@ -1,189 +1,179 @@
-"""The BentoML service over real HTTP: `bentoml serve` in a subprocess, raw requests, MP4 decoded.
+"""Serving pieces in-process: the request schema and adaptive batching on the real tiny runtime.
 
-One server per module (start-up costs seconds), on the tiny really exported bundle of
-test_onnx_runtime.py (shared within a session).
+The HTTP behaviour of the service (real `bentoml serve`) is in test_service_http.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
+import asyncio
 
-import httpx
+import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from components.video_io import read_video
-from tests.conftest import ROOT
+from components.onnx_runtime import OnnxT2V
+from serving.batching import BatchKey, Batcher, Job
+from serving.schema import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, GenerateRequest
 from tests.test_onnx_runtime import TINY, export_tiny_bundle
 
-STARTUP_TIMEOUT_S = 120
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory) -> OnnxT2V:
+    return OnnxT2V(export_tiny_bundle(tmp_path_factory.getbasetemp() / "tiny-export").bundle)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ----------------------------------------------------------------------------------------------
+# Schema: every limit in one place, each violation names its field
+# ----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def serve(home: Path, bundle: Path | None, log: Path):
-    """`bentoml serve serving.service:TextToVideo`; from `bundle` via ZOETROPE_BUNDLE, else the store."""
-    port = _free_port()
-    env = dict(os.environ, BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true", DO_NOT_TRACK="1")
-    env.pop("ZOETROPE_BUNDLE", None)
-    if bundle is not None:
-        env["ZOETROPE_BUNDLE"] = str(bundle)
-    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:TextToVideo",
-           "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "wb") as out:
-        # Own process group: teardown stops the server and its workers, nothing else.
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+@pytest.mark.parametrize("field, value", [
+    ("prompt", "a" * (MAX_PROMPT_CHARS + 1)), ("steps", MAX_STEPS + 1), ("guidance", MAX_GUIDANCE + 0.1),
+    ("seed", -1), ("format", "webm"), ("aspect", "4:3"), ("negative_prompt", None),
+])
+def test_schema_rejects_out_of_range_values_naming_the_field(field, value):
+    with pytest.raises(ValidationError) as err:
+        GenerateRequest.model_validate({"prompt": "a circle", field: value})
+    assert [e["loc"][0] for e in err.value.errors()] == [field]
+
+
+def test_schema_defaults_and_bundle_checks(runtime):
+    request = GenerateRequest(prompt="a circle")
+    assert (request.format, request.aspect, request.expand, request.negative_prompt) == ("mp4", "1:1", False, "")
+    request.check_bundle(runtime.limits, TINY["size"])  # defaults always fit the bundle
+    with pytest.raises(ValueError, match="size=32"):
+        GenerateRequest(prompt="a", size=32).check_bundle(runtime.limits, TINY["size"])
+    with pytest.raises(ValueError, match="num_frames=13"):
+        GenerateRequest(prompt="a", num_frames=13).check_bundle(runtime.limits, TINY["size"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching: concurrent requests share one generate_batch call and get their own videos
+# ----------------------------------------------------------------------------------------------
+
+
+def _batcher(runtime: OnnxT2V, calls: list, max_batch_size: int = 8) -> Batcher:
+    def run_batch(key: BatchKey, jobs):
+        calls.append((key, len(jobs)))
+        return runtime.generate_batch([j.prompt for j in jobs], [j.seed for j in jobs], steps=key.steps,
+                                      guidance=[j.guidance for j in jobs], num_frames=key.num_frames,
+                                      sampler=key.sampler, negative_prompts=[j.negative_prompt for j in jobs])
+    return Batcher(run_batch, max_batch_size=max_batch_size, max_latency_ms=5)
+
+
+JOBS = [Job("a red circle moving left", "", 1, 3.0), Job("a small blue square", "a red circle", 2, 5.0),
+        Job("a green triangle", "", 3, 1.0), Job("a white circle moving up", "", 4, 2.0)]
+KEY = BatchKey(steps=2, num_frames=5, sampler="euler")
+
+
+def test_requests_submitted_together_run_as_one_batch_and_match_single_runs(runtime):
+    calls: list = []
+
+    async def main():
+        batcher = _batcher(runtime, calls)
+        return await asyncio.gather(*(batcher.submit(KEY, job) for job in JOBS))
+
+    videos = asyncio.run(main())
+    assert calls == [(KEY, 4)]  # one DiT loop for the four requests
+    for video, job in zip(videos, JOBS):
+        single = runtime.generate(job.prompt, seed=job.seed, steps=2, guidance=job.guidance, num_frames=5,
+                                  sampler="euler", negative_prompt=job.negative_prompt)
+        assert video.shape == single.shape
+        assert np.abs(video.astype(int) - single).max() <= 1
+
+
+def test_batches_respect_max_size_and_never_mix_settings(runtime):
+    calls: list = []
+    other = BatchKey(steps=1, num_frames=1, sampler="euler")
+
+    async def main():
+        batcher = _batcher(runtime, calls, max_batch_size=3)
+        keys = [KEY, other, KEY, KEY, KEY, other]
+        return await asyncio.gather(*(batcher.submit(k, JOBS[i % 4]) for i, k in enumerate(keys)))
+
+    videos = asyncio.run(main())
+    assert calls == [(KEY, 3), (other, 2), (KEY, 1)]
+    assert [v.shape[0] for v in videos] == [5, 1, 5, 5, 5, 1]
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_lives_on(runtime):
+    calls: list = []
+
+    async def main():
+        batcher = _batcher(runtime, calls)
+        bad = BatchKey(steps=2, num_frames=4, sampler="euler")  # 4 frames: the runtime refuses
+        results = await asyncio.gather(batcher.submit(bad, JOBS[0]), batcher.submit(bad, JOBS[1]),
+                                       return_exceptions=True)
+        good = await batcher.submit(KEY, JOBS[0])
+        return results, good
+
+    results, good = asyncio.run(main())
+    assert all(isinstance(r, ValueError) and "num_frames" in str(r) for r in results)
+    assert good.shape == (5, TINY["size"], TINY["size"], 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry -> model store: `zoetrope import-model`, and the ONNX flavour of every graph
+# ----------------------------------------------------------------------------------------------
+
+
+def test_import_model_copies_the_champion_from_the_registry_into_the_store(tmp_path, tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    import onnxruntime as ort
+
+    from flows import tracking
+    from flows.project import REGISTERED_MODEL, Project
+    from flows.registry import SERVING_REQUIREMENTS, ZoetropeOnnxModel, log_onnx_graphs
+    from tests.conftest import make_project
+
+    bundle = export_tiny_bundle(tmp_path_factory.getbasetemp() / "tiny-export").bundle
+    root = make_project(tmp_path / "project")
+    env = {k: v for k, v in os.environ.items() if k not in ("ZOETROPE_PROJECT", "MLFLOW_TRACKING_URI")}
+    old_uri = mlflow.get_tracking_uri()
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready in {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url
+        project = Project(root)
+        tracking.setup(project)
+        with mlflow.start_run():  # what the register stage logs, without the gates around it
+            info = mlflow.pyfunc.log_model(name="zoetrope-t2v", python_model=ZoetropeOnnxModel(),
+                                           artifacts={"bundle": str(bundle)}, pip_requirements=SERVING_REQUIREMENTS,
+                                           registered_model_name=REGISTERED_MODEL)
+            graphs = log_onnx_graphs(bundle)
+            run_id = mlflow.active_run().info.run_id
+        mlflow.MlflowClient().set_registered_model_alias(REGISTERED_MODEL, "champion", info.registered_model_version)
+        assert "onnx-dit" in graphs and "onnx-dit-fp16" in graphs
+        dit = mlflow.onnx.load_model(f"runs:/{run_id}/onnx-dit")  # the ONNX flavour loads on its own
+        sess = ort.InferenceSession(dit.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_inputs()] == ["x", "t", "ctx", "ctx_mask"]
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        mlflow.set_tracking_uri(old_uri)
+
+    env.update(BENTOML_HOME=str(tmp_path / "bentoml"), PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "import-model"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "zoetrope-t2v:" in proc.stdout
+    code = ("import bentoml; m = bentoml.models.get('zoetrope-t2v:latest'); "
+            "print(m.info.labels['alias'], m.info.labels['mlflow_version'], sorted(p.name for p in "
+            "__import__('pathlib').Path(m.path).glob('*.onnx')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("champion 1 ") and "dit_fp16.onnx" in out
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return export_tiny_bundle(tmp_path_factory.getbasetemp() / "tiny-export").bundle
+def test_a_full_queue_refuses_new_requests_and_serves_the_queued_ones(runtime):
+    from serving.batching import QueueFull
 
+    calls: list = []
 
-@pytest.fixture(scope="module")
-def server(bundle, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    with serve(tmp / "bentoml", bundle, tmp / "server.log") as url:
-        yield url
+    async def main():
+        batcher = _batcher(runtime, calls)
+        batcher.max_queued = 2
+        return await asyncio.gather(*(batcher.submit(KEY, job) for job in JOBS[:3]), return_exceptions=True)
 
-
-def post(url: str, body, **kwargs) -> httpx.Response:
-    if isinstance(body, (dict, list)):
-        return httpx.post(f"{url}/generate", json=body, timeout=60, **kwargs)
-    return httpx.post(f"{url}/generate", content=body, timeout=60,
-                      headers=kwargs.pop("headers", {"content-type": "application/json"}), **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Generation
-# ----------------------------------------------------------------------------------------------
-
-
-def test_generate_returns_an_mp4_of_the_configured_size(server):
-    r = post(server, {"prompt": "a red circle moving left", "seed": 3})
-    assert r.status_code == 200, r.text
-    assert r.headers["content-type"] == "video/mp4"
-    frames = read_video(r.content)
-    assert frames.shape == (TINY["frames"], TINY["size"], TINY["size"], 3)
-
-
-def test_generate_honours_num_frames_and_seed(server):
-    r = post(server, {"prompt": "a blue square", "seed": 1, "steps": 2, "guidance": 1.5, "num_frames": 5})
-    assert r.status_code == 200, r.text
-    frames = read_video(r.content)
-    assert frames.shape[0] == 5
-    again = read_video(post(server, {"prompt": "a blue square", "seed": 1, "steps": 2, "guidance": 1.5,
-                                     "num_frames": 5}).content)
-    assert (frames == again).all()
-
-
-def test_info_reports_provider_and_bundle(server):
-    r = httpx.get(f"{server}/info", timeout=10)
-    assert r.status_code == 200
-    info = r.json()
-    assert info["provider"] == "CPUExecutionProvider" or "CUDA" in info["provider"]
-    assert info["bundle"]["frames"] == TINY["frames"]
-    assert info["limits"]["allowed_frames"] == [1, 5, 9]
-
-
-def test_health_endpoints(server):
-    assert httpx.get(f"{server}/healthz", timeout=10).status_code == 200
-    assert httpx.get(f"{server}/readyz", timeout=10).status_code == 200
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad requests: 4xx naming the field, never 5xx
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("body, field", [
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": "   "}, "prompt"),
-    ({"prompt": "a", "steps": -1}, "steps"),
-    ({"prompt": "a", "steps": 1000}, "steps"),
-    ({"prompt": "a", "seed": -5}, "seed"),
-    ({"prompt": "a", "guidance": 99}, "guidance"),
-    ({"prompt": "a", "num_frames": 100000}, "num_frames"),
-    ({"prompt": "a", "num_frames": 4}, "num_frames"),
-    ({"prompt": "a" * 501}, "prompt"),
-    ({"prompt": 12}, "prompt"),
-    ({"prompt": "a", "steps": "ten"}, "steps"),
-    ({"prompt": "a", "steps": 2.5}, "steps"),
-    ({"prompt": "a", "stpes": 3}, "stpes"),
-    ({}, "prompt"),
-])
-def test_invalid_field_is_400_naming_it(server, body, field):
-    r = post(server, body)
-    assert r.status_code == 400, r.text
-    assert field in r.text, r.text
-
-
-@pytest.mark.parametrize("body, headers", [
-    (b"not json", None),
-    (b"", None),
-    (b"[1, 2, 3]", None),
-    (b'"a prompt"', None),
-    (b'{"prompt": "a"', None),
-    (b"\xff\xfe\x00", None),
-    (b"prompt=a", {"content-type": "application/x-www-form-urlencoded"}),
-    (b"garbage", {"content-type": "multipart/form-data"}),
-    (b"garbage", {"content-type": "application/vnd.bentoml+pickle"}),
-])
-def test_malformed_body_is_4xx_never_5xx(server, body, headers):
-    r = post(server, body, headers=headers or {"content-type": "application/json"})
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
-
-
-# ----------------------------------------------------------------------------------------------
-# From the model store, as a built Bento serves
-# ----------------------------------------------------------------------------------------------
-
-
-def test_serves_the_imported_bundle_from_the_model_store(bundle, tmp_path):
-    home = tmp_path / "bentoml"
-    code = ("import sys; from serving.store import import_bundle; "
-            "print(import_bundle(sys.argv[1], {'alias': 'champion', 'version': 3}, {'run': 'r1'}))")
-    env = dict(os.environ, BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true")
-    env.pop("ZOETROPE_BUNDLE", None)
-    tag = subprocess.run([sys.executable, "-c", code, str(bundle)], cwd=ROOT, env=env, check=True,
-                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    assert tag.startswith("zoetrope-t2v:")
-    with serve(home, None, tmp_path / "server.log") as url:
-        assert httpx.get(f"{url}/info", timeout=10).json()["source"] == tag
-        r = post(url, {"prompt": "a green triangle"})
-        assert r.status_code == 200, r.text
-        assert read_video(r.content).shape == (TINY["frames"], TINY["size"], TINY["size"], 3)
+    first, second, third = asyncio.run(main())
+    assert isinstance(third, QueueFull) and "retry later" in str(third)
+    assert first.shape == second.shape == (5, TINY["size"], TINY["size"], 3)
+    assert calls == [(KEY, 2)]
