@@ -11,7 +11,7 @@ export GX_ANALYTICS_ENABLED=false
 export BENTOML_DO_NOT_TRACK=true
 export MLFLOW_DISABLE_TELEMETRY=true
 
-.PHONY: setup run test test-fast mlflow-ui clean
+.PHONY: setup run test test-fast mlflow-ui up deploy clean
 
 # torch is pinned (==2.13.0) in pyproject.toml: pip takes the CPU wheel on this machine's disk.
 $(STAMP): pyproject.toml
@@ -35,6 +35,14 @@ test-fast: setup
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///.zoetrope/mlflow.db --host 127.0.0.1 --port 5000
+
+# Prefect server + MLflow server + the dashboard deployments, all on 127.0.0.1; Ctrl-C stops all.
+up: setup
+	$(VENV)/bin/zoetrope up
+
+# The deployments alone, on an already running server (PREFECT_API_URL).
+deploy: setup
+	$(VENV)/bin/zoetrope deploy
 
 clean:
 	rm -rf .zoetrope data models reports

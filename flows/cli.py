@@ -8,6 +8,10 @@
   zoetrope import-model [--version N]                          registry -> BentoML model store
   zoetrope stage NAME                                          one DVC stage (dvc.yaml's cmd)
   zoetrope resolve [--profile NAME] [--set ...]                write the params DVC reads
+  zoetrope deploy [--profile NAME]                             serve dashboard deployments
+  zoetrope up [--prefect-port N] [--mlflow-port N]             Prefect + MLflow + deployments
+  zoetrope reproduce RUN_ID [--force]                          rerun a run with its params, data
+  zoetrope rollback [--to VERSION]                             move `champion` back
 
 Heavy libraries are imported inside commands so `--help` and argument errors are instant, and
 so the environment (telemetry off, per-project Prefect home) is set before Prefect loads.
@@ -75,10 +79,12 @@ def _print_summary(s: dict, seconds: float) -> None:
         print(f"  [{mark}] {g['name']:<24} {g['value']:.4g} {g['op']} {g['threshold']:.4g}")
     print(f"MLflow run id: {s['mlflow_run_id']}  (tracking: {s['tracking_uri']})")
     version = s.get("registered_version")
-    if s["champion"]:
+    if version is None:
+        pass
+    elif s["champion"]:
         print(f"registered model: zoetrope-t2v version {version} -> alias 'champion'")
     else:
-        print(f"registered model: zoetrope-t2v version {version} -> NOT promoted")
+        print(f"registered model: zoetrope-t2v version {version} -> alias 'challenger' (NOT promoted)")
         for reason in s.get("failed_gates", []):
             print(f"  failed gate {reason}")
     print(f"sample videos: {s['samples']}")
@@ -216,6 +222,76 @@ def cmd_serve(args) -> int:
     return subprocess.call(cmd, env=env, cwd=str(Project.find().root))
 
 
+def cmd_deploy(args) -> int:
+    project = _project()
+    if not os.environ.get("PREFECT_API_URL"):
+        return _fail("PREFECT_API_URL is not set: start a server (`prefect server start`, or use "
+                     "`zoetrope up`), then export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from flows.deploy import deployment_names, serve_deployments
+
+    print(f"serving {len(deployment_names())} deployments from {project.root} on "
+          f"{os.environ['PREFECT_API_URL']}: {', '.join(deployment_names())}", flush=True)
+    serve_deployments(project, args.profile, limit=args.limit)
+    return 0
+
+
+def cmd_up(args) -> int:
+    project = _project()
+    from flows.up import UpError, up
+
+    try:
+        up(project, args.prefect_port, args.mlflow_port, args.profile, timeout=args.timeout)
+    except UpError as exc:
+        return _fail(str(exc), 1)
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    project = _project()
+    from flows.reproduce import ReproduceError, reproduce
+
+    try:
+        result = reproduce(project, args.run_id, force=args.force)
+    except ReproduceError as exc:
+        return _fail(str(exc), 1)
+    if not result["same_commit"]:
+        print(f"note: run {args.run_id} was recorded at commit {result['git_commit']}; the code is "
+              f"now at {project.git_commit()} (check it out for an exact reproduction)")
+    if result["pinned"]:
+        print(f"params.yaml changed since the run; pinned: {' '.join(result['pinned'])}")
+    print(f"reproduced {args.run_id} as MLflow run {result['new_run_id']} "
+          f"(profile {result['profile']}, overrides: {' '.join(result['overrides']) or 'none'})")
+    if result["identical"]:
+        print(f"metrics identical: {len(result['compared'])} compared")
+        return 0
+    for k, (old, new) in result["differences"].items():
+        print(f"  {k}: recorded {old} reproduced {new}")
+    return _fail(f"{len(result['differences'])} of {len(result['compared'])} metrics differ", 1)
+
+
+def cmd_rollback(args) -> int:
+    project = _project()
+    from mlflow import MlflowClient
+
+    from flows import tracking
+    from flows.registry import RollbackError, rollback
+
+    tracking.setup(project)
+    try:
+        old, new = rollback(MlflowClient(project.tracking_uri), args.to)
+    except RollbackError as exc:
+        return _fail(str(exc), 1)
+    print(f"zoetrope-t2v: alias 'champion' moved from version {old} to version {new}")
+    if not args.no_bento:  # keep the BentoML store's model (what `bentoml build` packs) in step
+        from serving.store import import_bundle
+
+        bundle, _ = tracking.download_bundle(project, new)
+        tag = import_bundle(bundle, labels={"alias": "champion", "mlflow_version": new},
+                            metadata={"mlflow_model": f"models:/zoetrope-t2v/{new}"})
+        print(f"BentoML model store: {tag}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------- parser
 
 
@@ -260,6 +336,29 @@ def build_parser() -> argparse.ArgumentParser:
         if not 0 <= value < 2**31:
             raise argparse.ArgumentTypeError(f"{value} must be in [0, 2**31)")
         return value
+
+    sp = sub.add_parser("deploy", help="register dashboard deployments on $PREFECT_API_URL and serve them")
+    sp.add_argument("--profile", default="tiny", help="the profile the Run form starts with")
+    sp.add_argument("--limit", type=positive, default=None, help="at most N flow runs at once")
+    sp.set_defaults(fn=cmd_deploy)
+
+    sp = sub.add_parser("up", help="start the Prefect server, the MLflow server and the deployments")
+    sp.add_argument("--prefect-port", type=positive, default=4200)
+    sp.add_argument("--mlflow-port", type=positive, default=5000)
+    sp.add_argument("--profile", default="tiny", help="the profile the Run form starts with")
+    sp.add_argument("--timeout", type=positive, default=180, help="seconds to wait for each service")
+    sp.set_defaults(fn=cmd_up)
+
+    sp = sub.add_parser("reproduce", help="rerun a pipeline run with its recorded params and data")
+    sp.add_argument("run_id", help="the MLflow run id of a pipeline run")
+    sp.add_argument("--force", action="store_true",
+                    help="rerun every stage from scratch instead of restoring outputs from DVC's cache")
+    sp.set_defaults(fn=cmd_reproduce)
+
+    sp = sub.add_parser("rollback", help="move the 'champion' alias back to the previous champion")
+    sp.add_argument("--to", default=None, metavar="VERSION", help="a registered version instead")
+    sp.add_argument("--no-bento", action="store_true", help="leave the BentoML model store as it is")
+    sp.set_defaults(fn=cmd_rollback)
 
     sp = sub.add_parser("generate", help="generate a video from the champion model (ONNX Runtime)")
     sp.add_argument("prompt")

@@ -164,6 +164,11 @@ def quiet_environment(project: Project | None = None) -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     if project is not None:
+        # Prefect's home (its settings, the ephemeral server's database) and the results it
+        # persists (retries and cached task results) live with the project, never in ~/.prefect.
         os.environ.setdefault("PREFECT_HOME", str(project.state / "prefect"))
+        os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(project.state / "prefect" / "storage"))
+        # Prefect creates its home without parents; a fresh project has no .zoetrope/ yet.
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("BENTOML_HOME", str(project.state / "bentoml"))
         os.environ["ZOETROPE_PROJECT"] = str(project.root)

@@ -1,4 +1,9 @@
-"""Registering the ONNX bundle in MLflow and promoting it with aliases (never stages)."""
+"""Registering the ONNX bundle in MLflow and promoting it with aliases (never stages).
+
+Every new version gets the alias `challenger`; a version that passes every gate takes
+`champion` (and drops `challenger`). Each promoted version carries the tag `previous_champion`,
+so "the previous champion" is well defined and `zoetrope rollback` moves the alias back along it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,61 @@ from mlflow import MlflowClient
 
 from components.config import Config
 from flows.project import REGISTERED_MODEL, Project
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS_TAG = "previous_champion"
+
+
+class RollbackError(LookupError):
+    """The registry has no version to roll back to."""
+
+
+def _alias_version(client: MlflowClient, alias: str, model: str = REGISTERED_MODEL) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(model, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def promote(client: MlflowClient, version: str, model: str = REGISTERED_MODEL) -> str | None:
+    """Give `version` the champion alias; remember the champion it replaces. Returns that one."""
+    version = str(version)
+    previous = _alias_version(client, CHAMPION, model)
+    if previous == version:
+        return previous
+    if previous is not None:
+        client.set_model_version_tag(model, version, PREVIOUS_TAG, previous)
+    client.set_registered_model_alias(model, CHAMPION, version)
+    if _alias_version(client, CHALLENGER, model) == version:
+        client.delete_registered_model_alias(model, CHALLENGER)
+    return previous
+
+
+def rollback(client: MlflowClient, to: str | None = None, model: str = REGISTERED_MODEL) -> tuple[str, str]:
+    """Move `champion` back to the previous champion (or to version `to`); returns (from, to).
+
+    Rolling back does not rewrite history: the version left keeps its tags, and the target's own
+    `previous_champion` tag still points further back, so repeated rollbacks walk the history.
+    """
+    current = _alias_version(client, CHAMPION, model)
+    if current is None:
+        raise RollbackError(f"model {model!r} has no {CHAMPION!r} alias: nothing to roll back")
+    if to is None:
+        to = client.get_model_version(model, current).tags.get(PREVIOUS_TAG)
+        if to is None:
+            raise RollbackError(
+                f"version {current} of {model!r} has no previous champion: pass --to VERSION")
+    to = str(to)
+    try:
+        client.get_model_version(model, to)
+    except mlflow.exceptions.MlflowException:
+        raise RollbackError(f"model {model!r} has no version {to}: see the MLflow UI for its versions") from None
+    if to == current:
+        raise RollbackError(f"version {to} is already the {CHAMPION}: pass another --to VERSION")
+    client.set_registered_model_alias(model, CHAMPION, to)
+    client.set_model_version_tag(model, current, "rolled_back_to", to)
+    return current, to
 
 SERVING_REQUIREMENTS = [
     "onnxruntime-gpu==1.31.1",
@@ -97,14 +157,11 @@ def register_bundle(project: Project, cfg: Config, bundle_dir: Path, evaluation:
     client.set_model_version_tag(REGISTERED_MODEL, version, "gates_passed", str(passed).lower())
     client.set_model_version_tag(REGISTERED_MODEL, version, "git.commit", project.git_commit())
     client.set_model_version_tag(REGISTERED_MODEL, version, "dvc.data_version", project.data_version())
-    previous = None
-    try:
-        previous = client.get_model_version_by_alias(REGISTERED_MODEL, "champion").version
-    except mlflow.exceptions.MlflowException:
-        pass
+    previous = _alias_version(client, CHAMPION)
+    client.set_registered_model_alias(REGISTERED_MODEL, CHALLENGER, version)
     bento_tag = None
     if passed:
-        client.set_registered_model_alias(REGISTERED_MODEL, "champion", version)
+        promote(client, version)
         from serving.store import import_bundle
 
         bento_tag = import_bundle(
@@ -116,6 +173,7 @@ def register_bundle(project: Project, cfg: Config, bundle_dir: Path, evaluation:
         "model": REGISTERED_MODEL,
         "version": int(version),
         "champion": passed,
+        "alias": CHAMPION if passed else CHALLENGER,
         "previous_champion": int(previous) if previous else None,
         "failed_gates": [
             f"{g['name']}: {g['value']:.4g} {g['op']} {g['threshold']:.4g} failed by "

@@ -7,6 +7,8 @@ in `.zoetrope/mlartifacts`), so nothing lands in whatever folder a command runs 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -14,12 +16,19 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow
+import yaml
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 
 from components.config import Config
 from flows.project import EXPERIMENT, REGISTERED_MODEL, Project
 
 PARENT_ENV = "ZOETROPE_PARENT_RUN_ID"
+# Where the MLflow UI is (`zoetrope up` sets it): the Prefect report links runs there.
+UI_ENV = "ZOETROPE_MLFLOW_UI"
+DEFAULT_UI = "http://127.0.0.1:5000"
+# Lineage artifacts of every parent run: what `zoetrope reproduce` reads back.
+LINEAGE_DIR = "lineage"
 
 
 def setup(project: Project) -> str:
@@ -41,19 +50,73 @@ def setup(project: Project) -> str:
 
 
 def lineage_tags(project: Project) -> dict[str, str]:
+    selection = project.selection()
+    overrides = list(selection.get("overrides") or [])
     return {
         "git.commit": project.git_commit(),
         "dvc.data_version": project.data_version(),
-        "zoetrope.profile": str(project.selection().get("profile")),
-        "zoetrope.overrides": " ".join(project.selection().get("overrides") or []) or "-",
+        "dvc.lock_md5": dvc_lock_md5(project),
+        "zoetrope.profile": str(selection.get("profile")),
+        "zoetrope.overrides": " ".join(overrides) or "-",
+        "zoetrope.overrides_json": json.dumps(overrides),
     }
 
 
-def start_parent(project: Project, cfg: Config, run_name: str | None = None) -> str:
-    setup(project)
-    run = mlflow.start_run(run_name=run_name, tags={**lineage_tags(project), "zoetrope.kind": "pipeline"})
-    mlflow.log_params(cfg.flat())
-    return run.info.run_id
+def dvc_lock_md5(project: Project) -> str:
+    """The hash of dvc.lock: one value that names the data, models and params of a run."""
+    lock = project.path("dvc.lock")
+    return hashlib.md5(lock.read_bytes()).hexdigest() if lock.exists() else "none"
+
+
+def run_url(project: Project, run_id: str) -> str:
+    exp = setup(project)
+    base = os.environ.get(UI_ENV, DEFAULT_UI).rstrip("/")
+    return f"{base}/#/experiments/{exp}/runs/{run_id}"
+
+
+def open_parent(project: Project, run_name: str, reproduces: str | None = None) -> str:
+    """Create the pipeline's parent run with its lineage: resolved params, profile, overrides.
+
+    The client API with an explicit run id (no active run) so the call can be retried and the
+    stages, in other processes, attach to it through $ZOETROPE_PARENT_RUN_ID.
+    """
+    exp_id = setup(project)
+    client = MlflowClient(project.tracking_uri)
+    tags = {**lineage_tags(project), "zoetrope.kind": "pipeline", "mlflow.runName": run_name}
+    if reproduces:
+        tags["zoetrope.reproduces"] = reproduces
+    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    # Same keys on every run (the whole flat config), so the runs table compares them.
+    params = [Param(k, str(v)) for k, v in project.config().flat().items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    client.log_artifact(run_id, str(project.path(".zoetrope/params.yaml")), LINEAGE_DIR)
+    client.log_text(run_id, yaml.safe_dump(project.selection()), f"{LINEAGE_DIR}/selection.yaml")
+    return run_id
+
+
+def close_parent(project: Project, run_id: str, summary: dict | None, status: str) -> None:
+    """Record what the run produced (dvc.lock, metrics, gates, model) and end it."""
+    client = MlflowClient(project.tracking_uri)
+    tags = {"dvc.data_version": project.data_version(), "dvc.lock_md5": dvc_lock_md5(project)}
+    lock = project.path("dvc.lock")
+    if lock.exists():
+        client.log_artifact(run_id, str(lock), LINEAGE_DIR)
+    if summary is not None:
+        now = int(time.time() * 1000)
+        metrics = {k: float(v) for k, v in summary["metrics"].items() if _is_number(v)}
+        metrics.update({f"gate.{g['name']}.passed": float(g["passed"]) for g in summary["gates"]})
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(metrics.items())])
+        tags["zoetrope.stages_run"] = ",".join(r["stage"] for r in summary["stages"] if r["ran"]) or "none"
+        if summary["registered_version"] is not None:
+            tags["zoetrope.registered_version"] = str(summary["registered_version"])
+            tags["zoetrope.alias"] = str(summary.get("alias") or "-")
+        tags["zoetrope.champion"] = str(summary["champion"]).lower()
+        if summary.get("report"):
+            client.log_text(run_id, summary["report"], "report.md")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status)
 
 
 class StageLogger:
