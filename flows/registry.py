@@ -121,13 +121,16 @@ def log_onnx_graphs(bundle_dir: Path) -> list[str]:
     """Each ORT-optimised graph of the bundle (fp32 and fp16) with MLflow's ONNX flavour.
 
     The pyfunc above is what serves; these make every graph loadable on its own with
-    `mlflow.onnx.load_model` and visible as an ONNX model in the MLflow UI.
+    `mlflow.onnx.load_model` and visible as an ONNX model in the MLflow UI. The text encoder
+    (frozen, pretrained, ~90 MB, the same in every version) travels in the pyfunc bundle only.
     """
     import onnx
     import mlflow.onnx
 
     names = []
     for path in sorted(Path(bundle_dir).glob("*.onnx")):
+        if path.stem.startswith("text_encoder"):
+            continue
         name = f"onnx-{path.stem.replace('_', '-')}"
         mlflow.onnx.log_model(onnx.load(str(path)), name=name, save_as_external_data=False,
                               pip_requirements=ONNX_REQUIREMENTS,
