@@ -38,7 +38,7 @@ def test_a_few_steps_lower_the_loss():
     model = Captioner(build_vocab(captions), width=16, layers=1, max_words=16, frames=5, size=16)
     video = torch.randn(len(captions), 3, 5, 16, 16)
     tokens = model.tokenize(captions)
-    batch = (video, tokens, torch.zeros_like(tokens, dtype=torch.bool))
+    batch = (video, tokens, torch.zeros_like(tokens, dtype=torch.bool), model.attribute_targets(tokens))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(10):
@@ -48,6 +48,16 @@ def test_a_few_steps_lower_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_attribute_targets_follow_the_caption_words():
+    captions = ["a small red circle moving left slowly on a grey background", "a blue square"]
+    model = Captioner(build_vocab(captions), width=16, layers=1, max_words=16, frames=5, size=16)
+    targets = model.attribute_targets(model.tokenize(captions))
+    assert targets["color"].tolist() == [world.ATTRIBUTES["color"].index("red"),
+                                         world.ATTRIBUTES["color"].index("blue")]
+    assert targets["motion"].tolist() == [world.ATTRIBUTES["motion"].index("left"), -100]
+    assert targets["background"].tolist() == [world.ATTRIBUTES["background"].index("grey"), -100]
 
 
 def test_tokenize_rejects_long_captions():

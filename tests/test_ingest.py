@@ -53,6 +53,8 @@ def write(path: Path, frames: np.ndarray, fps: int, fmt: str, codec: str | None)
         s = c.add_stream(codec, rate=fps)
         s.height, s.width = frames.shape[1:3]
         s.pix_fmt = "yuv420p"
+        if codec == "libx264":  # x264's SIMD paths are not deterministic (see video_io.encode_mp4)
+            s.options = {"x264-params": "asm=0"}
         for f in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 c.mux(p)
