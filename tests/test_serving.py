@@ -117,7 +117,8 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_lives_on(runtime):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_import_model_copies_the_champion_from_the_registry_into_the_store(tmp_path, tmp_path_factory):
+def test_import_model_copies_the_champion_from_the_registry_into_the_store(tmp_path, tmp_path_factory,
+                                                                         monkeypatch):
     import os
     import subprocess
     import sys
@@ -134,6 +135,9 @@ def test_import_model_copies_the_champion_from_the_registry_into_the_store(tmp_p
     root = make_project(tmp_path / "project")
     env = {k: v for k, v in os.environ.items() if k not in ("ZOETROPE_PROJECT", "MLFLOW_TRACKING_URI")}
     old_uri = mlflow.get_tracking_uri()
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which an earlier test may have left
+    # behind: this project must use its own store, as the `import-model` subprocess does.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     try:
         project = Project(root)
         tracking.setup(project)
