@@ -29,6 +29,15 @@ PROJECT_FILES = ["components", "flows", "serving", "dvc.yaml", "params.yaml", ".
                  ".dvcignore", ".gitignore", "pyproject.toml", "bentofile.yaml"]
 
 
+@pytest.fixture(autouse=True)
+def _no_stale_tracking_uri(monkeypatch):
+    """`mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, and a project prefers that variable
+    to its own store: a test that pointed MLflow somewhere must not send the next test's runs (or
+    its subprocesses') there. Cleared before each test; whatever a test sets is undone after it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness

@@ -50,7 +50,8 @@ def served(project):
 
     from flows.deploy import deployment_names
 
-    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's own store
+    env = dict(env, PREFECT_API_URL=PREFECT_API_URL.value(),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     log = open(project / "deploy.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "--profile", "ci"], cwd=project,
