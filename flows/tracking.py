@@ -135,6 +135,9 @@ class StageLogger:
         return StageLogger(self.prefix + prefix)
 
 
+SYSTEM_METRICS_INTERVAL = 1.0  # seconds
+
+
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
@@ -145,6 +148,10 @@ def stage_run(project: Project, stage: str, cfg: Config) -> Iterator[StageLogger
     setup(project)
     parent = os.environ.get(PARENT_ENV)
     tags = {**lineage_tags(project), "zoetrope.kind": "stage", "zoetrope.stage": stage}
+    # CPU, memory and GPU every SYSTEM_METRICS_INTERVAL s (MLflow's default of 10 s left stages of a
+    # few seconds with no sample at all); a psutil read per second costs nothing measurable.
+    mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)
+    mlflow.set_system_metrics_samples_before_logging(1)
     with mlflow.start_run(
         run_name=stage, parent_run_id=parent, nested=bool(parent), tags=tags, log_system_metrics=True
     ):

@@ -30,12 +30,13 @@ PROJECT_FILES = ["components", "flows", "serving", "dvc.yaml", "params.yaml", ".
 
 
 @pytest.fixture(autouse=True)
-def _no_stale_tracking_uri(monkeypatch):
+def _no_stale_tracking_uri():
     """`mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, and a project prefers that variable
-    to its own store: a test that pointed MLflow somewhere must not send the next test's runs (or
-    its subprocesses') there. Cleared before each test; whatever a test sets is undone after it."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    to its own store: a test (or a module fixture) that pointed MLflow somewhere must not send the
+    next one's runs, or its subprocesses', there. Dropped before and after every test."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")
