@@ -35,8 +35,10 @@ def _answers(url: str) -> bool:
 def test_up_starts_everything_and_sigterm_stops_it(tmp_path):
     project = make_project(tmp_path / "project")
     pp, mp = _free_port(), _free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    env.pop("PREFECT_HOME", None)  # `up` keeps Prefect's database in the project
+    # As a user's shell: no other test's project, store or homes (`up` keeps Prefect's database in the project).
+    stale = ("ZOETROPE_PROJECT", "MLFLOW_TRACKING_URI", "PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "BENTOML_HOME")
+    env = {k: v for k, v in os.environ.items() if k not in stale}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "up", "--prefect-port", str(pp),
                              "--mlflow-port", str(mp), "--profile", "ci"], cwd=project, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
