@@ -34,7 +34,7 @@ import av
 import numpy as np
 
 from components.config import DataConfig, IngestConfig
-from components.prepare import TooManyBadFiles, clip_stats, write_clips
+from components.prepare import check_bad_share, clip_stats, write_clips
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
@@ -351,15 +351,8 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig, icfg: IngestConfig, se
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "quarantine.json", quarantine)
     atomic_write_json(out_dir / "ingest.json", {"files": report, "skipped": skipped})
-    total = len(records) + len(skipped)
-    bad_fraction = len(quarantine) / max(1, total)
-    if bad_fraction > cfg.max_bad_fraction:
-        examples = "; ".join(f"{q['path']}: {q['reason']}" for q in quarantine[:3])
-        raise TooManyBadFiles(
-            f"{len(quarantine)} of {total} files in the video folder are unusable "
-            f"({bad_fraction:.0%} > data.max_bad_fraction={cfg.max_bad_fraction}), e.g. {examples}. "
-            f"See {out_dir / 'quarantine.json'}; fix or remove them, or raise data.max_bad_fraction"
-        )
+    check_bad_share(quarantine, len(records) + len(skipped), cfg, out_dir, "files in the video folder",
+                    "fix or remove them")
     if not kept:
         raise ValueError(f"no clips from {raw_dir}: every video was quarantined or filtered "
                          f"(see {out_dir / 'ingest.json'}); lower ingest.min_motion or add longer videos")

@@ -35,6 +35,20 @@ class TooManyBadFiles(RuntimeError):
     """More input videos were unusable than `data.max_bad_fraction` allows."""
 
 
+def check_bad_share(quarantine: list[dict], total: int, cfg: DataConfig, out_dir: Path, what: str,
+                    fix: str) -> None:
+    """Raise TooManyBadFiles, naming examples and the threshold, when the quarantined share of
+    `total` input files passes `data.max_bad_fraction`."""
+    bad_fraction = len(quarantine) / max(1, total)
+    if bad_fraction > cfg.max_bad_fraction:
+        examples = "; ".join(f"{q['path']}: {q['reason']}" for q in quarantine[:3])
+        raise TooManyBadFiles(
+            f"{len(quarantine)} of {total} {what} are unusable "
+            f"({bad_fraction:.0%} > data.max_bad_fraction={cfg.max_bad_fraction}), e.g. {examples}. "
+            f"See {Path(out_dir) / 'quarantine.json'}; {fix}, or raise data.max_bad_fraction"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # One clip (runs in worker processes: keep torch out of this module's imports)
 # ----------------------------------------------------------------------------------------------
@@ -177,15 +191,8 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int) -> dict:
             good.append((rec, clip))
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "quarantine.json", quarantine)
-    bad_fraction = len(quarantine) / len(records)
-    if bad_fraction > cfg.max_bad_fraction:
-        examples = "; ".join(f"{q['path']}: {q['reason']}" for q in quarantine[:3])
-        raise TooManyBadFiles(
-            f"{len(quarantine)} of {len(records)} videos in {raw_dir} are unusable "
-            f"({bad_fraction:.0%} > data.max_bad_fraction={cfg.max_bad_fraction}), e.g. {examples}. "
-            f"See {out_dir / 'quarantine.json'}; fix or regenerate the raw data, or raise "
-            f"data.max_bad_fraction"
-        )
+    check_bad_share(quarantine, len(records), cfg, out_dir, f"videos in {raw_dir}",
+                    "fix or regenerate the raw data")
 
     items = []
     for rec, clip in good:
