@@ -39,6 +39,18 @@ def _no_stale_tracking_uri():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy CPU two threads that wait on
+    each other ran the VAE steps 20x slower. Modules opt in with `pytestmark`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness

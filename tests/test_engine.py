@@ -25,12 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = ROOT / "tests" / "engine_child.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _mlp() -> nn.Module:

@@ -18,14 +18,7 @@ TINY_DIT = DiTSpec(in_channels=4, dim=32, depth=2, heads=2, mlp_ratio=2.0, patch
 L = 8  # caption tokens
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy CPU two threads that wait on
-    each other ran the VAE steps 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _video(b: int, frames: int = 9, size: int = 16, seed: int = 0) -> torch.Tensor:
