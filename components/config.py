@@ -145,9 +145,13 @@ class DiTConfig:
     grad_clip: float = 1.0
     ema: float = 0.995
     cond_dropout: float = 0.1  # caption dropout that teaches the unconditional branch for CFG
+    shift: float = 2.0  # timestep shift at `shift_tokens` latent tokens (schedule.token_shift)
+    shift_tokens: int = 80  # the token count `shift` is set for; it grows as sqrt(tokens / this)
 
     def validate(self) -> None:
         _check(0.0 <= self.ema < 1.0, "dit.ema", self.ema, "use a decay in [0, 1)")
+        _check(self.shift >= 1.0, "dit.shift", self.shift, "use a shift >= 1 (1 = no shift)")
+        _check(self.shift_tokens >= 1, "dit.shift_tokens", self.shift_tokens, "use a positive token count")
         _check(0.0 <= self.cond_dropout < 1.0, "dit.cond_dropout", self.cond_dropout, "use [0, 1)")
 
 

@@ -297,9 +297,12 @@ def bundle_metadata(vae: VideoVAE, dit: DiT, cfg: Config) -> dict:
         "max_tokens": cfg.text.max_tokens,
         "sample": {"steps": cfg.sample.steps, "guidance": cfg.sample.guidance,
                    "sampler": cfg.sample.sampler},
-        # No fixed shift: schedule.token_shift(latent tokens), tokens = t*h*w / prod(patch).
+        # No fixed shift: schedule.token_shift(latent tokens, shift_base, shift_tokens),
+        # tokens = t*h*w / prod(patch), as the DiT was trained.
         "shift": None,
-        "shift_rule": "schedule.token_shift(num_tokens)",
+        "shift_rule": "schedule.token_shift(num_tokens, shift_base, shift_tokens)",
+        "shift_base": float(getattr(dit, "train_config", {}).get("shift", cfg.dit.shift)),
+        "shift_tokens": int(getattr(dit, "train_config", {}).get("shift_tokens", cfg.dit.shift_tokens)),
         "patch": list(dit.patch),
         "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 last hidden states",
     }

@@ -40,7 +40,9 @@ class T2VPipeline:
 
     def shift(self, num_frames: int) -> float:
         _, t, h, w = self.vae.latent_shape(num_frames, self.size, self.size)
-        return schedule.token_shift(self.dit.num_tokens(t, h, w))
+        trained = getattr(self.dit, "train_config", {})  # the dit: section that trained it
+        return schedule.token_shift(self.dit.num_tokens(t, h, w), trained.get("shift", 1.0),
+                                    trained.get("shift_tokens", 256))
 
     def noise(self, seed: int | Sequence[int], batch: int, num_frames: int) -> torch.Tensor:
         """One int: `initial_noise(seed, (B, c, t, h, w))`. A list: one seed per video, each drawn

@@ -122,7 +122,8 @@ class BundleInfo:
     """`bundle.json`, typed: a missing key fails with its name; `raw` keeps the whole file for /info.
 
     The timestep shift is `shift` when the bundle fixes one, else `schedule.token_shift` of the
-    DiT's token count (`dit.num_tokens`: latent t*h*w over the `patch` volume), as in training.
+    DiT's token count (`dit.num_tokens`: latent t*h*w over the `patch` volume) with the trained
+    `shift_base` / `shift_tokens`, as in training.
     """
 
     latent_channels: int
@@ -137,7 +138,9 @@ class BundleInfo:
     steps: int
     guidance: float
     sampler: str
-    shift: float | None  # fixed timestep shift; None: schedule.token_shift(latent tokens)
+    shift: float | None  # fixed timestep shift; None: schedule.token_shift(latent tokens, ...)
+    shift_base: float  # token_shift's shift at `shift_tokens` tokens (the DiT's dit.shift)
+    shift_tokens: int
     patch: tuple[int, int, int]  # DiT patch (t, h, w): latent tokens = t*h*w / prod(patch)
     max_frames: int
     raw: dict
@@ -174,6 +177,8 @@ class BundleInfo:
             guidance=float(need("guidance", sample, "sample.")),
             sampler=str(need("sampler", sample, "sample.")),
             shift=None if shift is None else float(shift),
+            shift_base=float(raw.get("shift_base", 1.0)),  # bundles before dit.shift: the old rule's 1
+            shift_tokens=int(raw.get("shift_tokens", 256)),
             patch=tuple(int(p) for p in patch),  # type: ignore[arg-type]
             max_frames=int(raw.get("max_frames", raw["frames"])),
             raw=raw,
@@ -197,7 +202,7 @@ class BundleInfo:
             return self.shift
         _, t, h, w = self.latent_shape(num_frames)
         pt, ph, pw = self.patch
-        return schedule.token_shift((t // pt) * (h // ph) * (w // pw))
+        return schedule.token_shift((t // pt) * (h // ph) * (w // pw), self.shift_base, self.shift_tokens)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,13 +11,19 @@ import math
 import numpy as np
 
 
-def token_shift(num_tokens: int, base_tokens: int = 256, base_shift: float = 1.0,
-                max_tokens: int = 4096, max_shift: float = 3.0) -> float:
-    """Timestep shift that grows with the token count (SD3 §5.3.2): more tokens, more noise."""
-    if num_tokens <= base_tokens:
-        return base_shift
-    frac = math.log(num_tokens / base_tokens) / math.log(max_tokens / base_tokens)
-    return base_shift + min(1.0, frac) * (max_shift - base_shift)
+def token_shift(num_tokens: int, base_shift: float = 1.0, base_tokens: int = 256) -> float:
+    """Timestep shift for `num_tokens` latent tokens: `base_shift` at `base_tokens`, growing as
+    sqrt(num_tokens / base_tokens) (SD3 §5.3.2's resolution rule, alpha = sqrt(m / n)), never below 1.
+
+    More tokens carry more redundant signal, so the same noise level hides less of the video and
+    training and sampling must spend more time at high noise, where layout and motion are decided.
+    On the default profile's 80-token latents a base of 3 lifted motion adherence from 0.34 to 0.95
+    (docs/architecture.md): with shift 1 the DiT saw too few high-noise steps to learn direction.
+    """
+    if num_tokens < 1 or base_tokens < 1 or base_shift <= 0:
+        raise ValueError(f"token_shift needs positive tokens and shift, got num_tokens={num_tokens}, "
+                         f"base_tokens={base_tokens}, base_shift={base_shift}")
+    return max(1.0, base_shift * math.sqrt(num_tokens / base_tokens))
 
 
 def shift_t(t: np.ndarray | float, shift: float) -> np.ndarray | float:

@@ -70,7 +70,7 @@ def run_train_dit(encoded_dir: Path, model_dir: Path, cfg: Config, log: LogFn | 
     model = DiT(spec).to(device)
     train_x = latents[train_idx].to(device)
     train_c = cap_idx[train_idx].to(device)
-    shift = schedule.token_shift(model.num_tokens(*latents.shape[2:]))
+    shift = schedule.token_shift(model.num_tokens(*latents.shape[2:]), dcfg.shift, dcfg.shift_tokens)
 
     def batch_fn(step: int, gen: torch.Generator):
         i = torch.randint(len(train_idx), (dcfg.batch_size,), generator=gen).to(device)
