@@ -192,6 +192,19 @@ class _Interrupt(Exception):
     pass
 
 
+def test_timestep_shift_grows_with_the_token_count():
+    from components import schedule
+
+    assert schedule.token_shift(80, 2.0, 80) == pytest.approx(2.0)  # the base at its token count
+    assert schedule.token_shift(320, 2.0, 80) == pytest.approx(4.0)  # sqrt(4) times more
+    assert schedule.token_shift(40, 2.0, 80) == pytest.approx(2 ** 0.5)  # fewer tokens, less shift
+    assert schedule.token_shift(16, 2.0, 80) == 1.0  # a single frame: never below 1
+    ts = schedule.timesteps(10, schedule.token_shift(320, 2.0, 80))
+    assert ts[0] == 1.0 and ts[-1] == 0.0 and (ts[5] > 0.5)  # shifted: more steps at high noise
+    with pytest.raises(ValueError, match="token_shift"):
+        schedule.token_shift(0, 2.0, 80)
+
+
 def test_resumed_training_reaches_the_same_weights(tmp_path):
     x0 = torch.randn(8, 4, 3, 4, 4)
     ctx, mask = _ctx(8)
