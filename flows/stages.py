@@ -136,7 +136,7 @@ def evaluate(project: Project, cfg: Config, log) -> dict:
         project.path("data/clips"), project.path("models/vae/vae.pt"),
         project.path("models/dit/dit.pt"), out, cfg, log=log,
         caption_metrics=_read_json(project.path("reports/caption.json")),
-        ckpt_dir=project.ckpt_dir("evaluate"),
+        ckpt_dir=project.ckpt_dir("evaluate"), encoded_dir=project.path("data/encoded"),
     )
     atomic_write_json(project.path("reports/evaluation.json"), report)
     mlflow.log_artifacts(str(out / "samples"), "samples")
