@@ -397,7 +397,7 @@ def report_markdown(report: dict) -> str:
                      f"{_fmt(m, f'paraphrase_{a}')} (gap {_fmt(m, f'paraphrase_gap_{a}')}) | "
                      f"{_fmt(m, f'paraphrase_expanded_{a}')} (gap {_fmt(m, f'paraphrase_expanded_gap_{a}')}) |")
     lines += ["", f"Paraphrases: {_fmt(m, 'paraphrase_prompts')} seen prompts reworded (`samples/paraphrases.txt`); "
-                  f"expansion grounded {_fmt(m, 'paraphrase_grounded')} of them to the intended attributes. "
+                  f"share that prompt expansion grounded to the intended attributes: {_fmt(m, 'paraphrase_grounded')}. "
                   "Gap: canonical wording's adherence on the same prompts minus the paraphrase's.",
               "", "## Distribution and consistency", "", "| metric | generated | real |", "|---|---|---|",
               f"| Fréchet distance of judge features ({_fmt(m, 'fd_clips')} clips per set) | "

@@ -126,3 +126,24 @@ def test_decide_refuses_an_unknown_direction_and_nan_never_wins():
         decide(True, primary, None, None)
     nan = decide(True, {"metric": "x", "direction": "higher", "value": float("nan")}, "1", 0.2)
     assert not nan["promote"]
+
+
+def test_the_prefect_report_states_the_decision_with_both_figures(registry, tmp_path, monkeypatch):
+    from flows.pipeline import evaluation_report, report_markdown
+    from flows.project import Project
+
+    _register(registry, 0.5)
+    _, _, decision = _register(registry, 0.375)
+    summary = {"mlflow_run_id": "r", "mlflow_run_url": "u", "tracking_uri": "t", "gates": [],
+               "registered_version": 2, "champion": False, "alias": "challenger", "samples": "s",
+               "stages": [], "promotion": {k: v for k, v in decision.items() if k != "promote"}}
+    md = report_markdown(summary)
+    assert "alias **challenger**" in md and "Decision **kept_challenger**" in md
+    assert "this version 0.375, champion v1: 0.5" in md
+
+    project = Project(tmp_path)
+    (tmp_path / "reports/eval").mkdir(parents=True)
+    (tmp_path / "reports/eval/report.md").write_text("![seen](samples/grid_seen.gif)\n")
+    monkeypatch.setenv("ZOETROPE_MLFLOW_UI", "http://127.0.0.1:5999")
+    assert evaluation_report(project, {"mlflow_run_id": "abc"}) == (
+        "![seen](http://127.0.0.1:5999/get-artifact?run_uuid=abc&path=samples/grid_seen.gif)\n")
