@@ -174,6 +174,11 @@ class EvalConfig:
     judge_lr: float = 2e-3
     prompts_per_split: int = 24  # generated videos per split (seen / held-out combinations)
     recon_clips: int = 128  # held-out clips for VAE PSNR/SSIM
+    paraphrase_prompts: int = 16  # seen prompts also generated reworded (paraphrase robustness); 0: off
+
+    def validate(self) -> None:
+        _check(self.paraphrase_prompts >= 0, "eval.paraphrase_prompts", self.paraphrase_prompts,
+               "use 0 (off) or a positive number of prompts")
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,16 @@ class GatesConfig:
     adherence_shape_min: float = 0.5  # chance is 1/3
     adherence_motion_min: float = 0.4  # chance is 1/6
     onnx_max_abs_diff: float = 1e-3
+    # Champion/challenger: a version passing every gate takes `champion` only when it is at least
+    # as good as the current champion on this evaluation metric (flows/registry.py).
+    primary_metric: str = "adherence_seen_all"
+    primary_direction: str = "higher"  # higher | lower: which way is better
+
+    def validate(self) -> None:
+        _check(self.primary_direction in ("higher", "lower"), "gates.primary_direction",
+               self.primary_direction, "use higher or lower")
+        _check(bool(self.primary_metric.strip()), "gates.primary_metric", self.primary_metric,
+               "name a metric of reports/evaluation.json, e.g. adherence_seen_all")
 
 
 @dataclass(frozen=True)

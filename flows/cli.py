@@ -87,6 +87,8 @@ def _print_summary(s: dict, seconds: float) -> None:
         print(f"registered model: zoetrope-t2v version {version} -> alias 'challenger' (NOT promoted)")
         for reason in s.get("failed_gates", []):
             print(f"  failed gate {reason}")
+    if version is not None and s.get("promotion"):
+        print(f"champion/challenger: {s['promotion']['reason']}")
     print(f"sample videos: {s['samples']}")
 
 

@@ -135,8 +135,24 @@ def summarize(project: Project, parent_run_id: str, results: list[dict]) -> dict
         "champion": registered.get("champion", False),
         "alias": registered.get("alias"),
         "failed_gates": registered.get("failed_gates", []),
+        "promotion": registered.get("promotion"),
         "samples": str(project.path("reports/eval/samples")),
+        "evaluation_report": evaluation_report(project, evaluation) if evaluation else None,
     }
+
+
+def evaluation_report(project: Project, evaluation: dict) -> str | None:
+    """The evaluate stage's report.md with its sample grids linked to the evaluate run's artifacts
+    in the MLflow UI (`zoetrope up` serves them), where a browser can load them."""
+    path = project.path("reports/eval/report.md")
+    if not path.exists():
+        return None
+    text = path.read_text()
+    run_id = evaluation.get("mlflow_run_id")
+    if run_id:
+        base = os.environ.get(tracking.UI_ENV, tracking.DEFAULT_UI).rstrip("/")
+        text = text.replace("](samples/", f"]({base}/get-artifact?run_uuid={run_id}&path=samples/")
+    return text
 
 
 def report_markdown(summary: dict) -> str:
@@ -151,6 +167,14 @@ def report_markdown(summary: dict) -> str:
     if version is not None:
         alias = summary.get("alias") or ("champion" if summary["champion"] else "not promoted")
         lines += ["", f"Registered model `zoetrope-t2v` version {version}, alias **{alias}**."]
+        promotion = summary.get("promotion")
+        if promotion:
+            champion = (f"champion v{promotion['champion_version']}: {promotion['champion_value']:.4g}"
+                        if promotion.get("champion_value") is not None else
+                        f"champion: {'v' + str(promotion['champion_version']) if promotion.get('champion_version') else 'none'}")
+            lines += ["", f"Champion/challenger on `{promotion['metric']}` ({promotion['direction']} is better): "
+                          f"this version {promotion['value']:.4g}, {champion}. "
+                          f"Decision **{promotion['decision']}**: {promotion['reason']}."]
     lines += ["", f"Sample videos: `{summary['samples']}`", "",
               "| stage | status | seconds |", "|---|---|---|"]
     for r in summary["stages"]:
@@ -193,6 +217,9 @@ def run_stages(project: Project, profile: str, overrides: list[str], *, until: s
         markdown = report_markdown(summary)
         summary["report"] = markdown
         create_markdown_artifact(markdown, key="pipeline-report", description="Gates, model, samples")
+        if summary.get("evaluation_report"):
+            create_markdown_artifact(summary["evaluation_report"], key="evaluation-report",
+                                     description="Evaluation metrics, gates and sample grids")
         if summary["metrics"]:
             create_table_artifact(
                 [{"metric": k, "value": round(float(v), 5)} for k, v in sorted(summary["metrics"].items())],

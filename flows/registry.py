@@ -1,8 +1,13 @@
 """Registering the ONNX bundle in MLflow and promoting it with aliases (never stages).
 
-Every new version gets the alias `challenger`; a version that passes every gate takes
-`champion` (and drops `challenger`). Each promoted version carries the tag `previous_champion`,
-so "the previous champion" is well defined and `zoetrope rollback` moves the alias back along it.
+Every new version gets the alias `challenger`. Champion/challenger: a version that passes every
+gate takes `champion` (and drops `challenger`) only when it is at least as good as the current
+champion on the primary metric (`gates.primary_metric`, `gates.primary_direction`); the first
+version to pass every gate always does. Every version carries its evaluation metrics as tags
+(`metric.NAME`), so the champion's figure is read from the registry, not from a run that may be
+gone. The decision, its reason and both figures go on the version's tags and the register run.
+Each promoted version carries the tag `previous_champion`, so "the previous champion" is well
+defined and `zoetrope rollback` moves the alias back along it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from flows.project import REGISTERED_MODEL, Project
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS_TAG = "previous_champion"
+METRIC_TAG = "metric."  # + evaluation metric name: its value on this version
+PROMOTED, KEPT_CHALLENGER, FAILED_GATES = "promoted", "kept_challenger", "failed_gates"
 
 
 class RollbackError(LookupError):
@@ -70,6 +77,80 @@ def rollback(client: MlflowClient, to: str | None = None, model: str = REGISTERE
     client.set_registered_model_alias(model, CHAMPION, to)
     client.set_model_version_tag(model, current, "rolled_back_to", to)
     return current, to
+
+# ---------------------------------------------------------------------------------- champion/challenger
+
+
+def decide(passed: bool, primary: dict, champion: str | None, champion_value: float | None) -> dict:
+    """Whether a version becomes champion, and why. `primary`: evaluation's
+    `{"metric", "direction", "value"}`; `champion_value`: the champion's figure on that metric
+    (None when it has none recorded)."""
+    metric, direction, value = primary["metric"], primary["direction"], float(primary["value"])
+    if direction not in ("higher", "lower"):
+        raise ValueError(f"primary metric direction {direction!r} is unknown: use higher or lower "
+                         f"(gates.primary_direction)")
+    out = {"metric": metric, "direction": direction, "value": value,
+           "champion_version": int(champion) if champion is not None else None,
+           "champion_value": champion_value}
+    if not passed:
+        return {**out, "promote": False, "decision": FAILED_GATES,
+                "reason": "failed a gate: stays challenger, the champion is unchanged"}
+    if champion is None:
+        return {**out, "promote": True, "decision": PROMOTED,
+                "reason": f"first version to pass every gate ({metric} = {value:.4g}): promoted"}
+    if champion_value is None:
+        return {**out, "promote": True, "decision": PROMOTED,
+                "reason": f"champion v{champion} has no recorded {metric} (registered before "
+                          f"champion/challenger or under another primary metric): promoted on its gates"}
+    op = ">=" if direction == "higher" else "<="
+    # NaN compares false: a version without a figure never displaces one with a figure.
+    better = value >= champion_value if direction == "higher" else value <= champion_value
+    if better:
+        return {**out, "promote": True, "decision": PROMOTED,
+                "reason": f"{metric} {value:.4g} {op} champion v{champion}'s {champion_value:.4g}: promoted"}
+    return {**out, "promote": False, "decision": KEPT_CHALLENGER,
+            "reason": f"{metric} {value:.4g} is worse than champion v{champion}'s {champion_value:.4g} "
+                      f"({direction} is better): stays challenger, champion stays v{champion}"}
+
+
+def champion_figure(client: MlflowClient, metric: str, model: str = REGISTERED_MODEL) -> tuple[str | None, float | None]:
+    """The current champion's version and its recorded value of `metric` (None, None: no champion)."""
+    champion = _alias_version(client, CHAMPION, model)
+    if champion is None:
+        return None, None
+    tag = client.get_model_version(model, champion).tags.get(METRIC_TAG + metric)
+    return champion, (float(tag) if tag is not None else None)
+
+
+def apply_promotion(client: MlflowClient, version: str, evaluation: dict, passed: bool,
+                    model: str = REGISTERED_MODEL, run_id: str | None = None) -> dict:
+    """Champion/challenger for a newly registered `version`: record its metrics on it, give it
+    `challenger`, compare it with the champion and promote it when `decide` says so. The decision
+    goes on the version's tags and, with both figures, on the run `run_id` (tags and metrics)."""
+    version = str(version)
+    for name, value in sorted(evaluation["metrics"].items()):
+        client.set_model_version_tag(model, version, METRIC_TAG + name, repr(float(value)))
+    primary = evaluation.get("primary")
+    if primary is None:
+        raise KeyError("reports/evaluation.json has no primary metric: rerun the evaluate stage "
+                       "(it records gates.primary_metric)")
+    champion, champion_value = champion_figure(client, primary["metric"], model)
+    decision = decide(passed, primary, champion, champion_value)
+    client.set_registered_model_alias(model, CHALLENGER, version)
+    if decision["promote"]:
+        promote(client, version, model)
+    for key in ("decision", "reason"):
+        client.set_model_version_tag(model, version, f"promotion.{key}", decision[key])
+    if run_id is not None:
+        client.set_tag(run_id, "promotion.decision", decision["decision"])
+        client.set_tag(run_id, "promotion.reason", decision["reason"])
+        client.set_tag(run_id, "promotion.metric", decision["metric"])
+        client.log_metric(run_id, "promotion.challenger_value", decision["value"])
+        if champion_value is not None:
+            client.log_metric(run_id, "promotion.champion_value", champion_value)
+        client.log_metric(run_id, "promotion.promoted", float(decision["promote"]))
+    return decision
+
 
 SERVING_REQUIREMENTS = [
     "onnxruntime-gpu==1.31.1",
@@ -160,11 +241,12 @@ def register_bundle(project: Project, cfg: Config, bundle_dir: Path, evaluation:
     client.set_model_version_tag(REGISTERED_MODEL, version, "gates_passed", str(passed).lower())
     client.set_model_version_tag(REGISTERED_MODEL, version, "git.commit", project.git_commit())
     client.set_model_version_tag(REGISTERED_MODEL, version, "dvc.data_version", project.data_version())
-    previous = _alias_version(client, CHAMPION)
-    client.set_registered_model_alias(REGISTERED_MODEL, CHALLENGER, version)
+    run = mlflow.active_run()
+    decision = apply_promotion(client, version, evaluation, passed, run_id=run.info.run_id if run else None)
+    promoted = decision["promote"]
+    previous = decision["champion_version"]  # the champion before this version (None: first)
     bento_tag = None
-    if passed:
-        promote(client, version)
+    if promoted:
         from serving.store import import_bundle
 
         bento_tag = import_bundle(
@@ -175,9 +257,10 @@ def register_bundle(project: Project, cfg: Config, bundle_dir: Path, evaluation:
     return {
         "model": REGISTERED_MODEL,
         "version": int(version),
-        "champion": passed,
-        "alias": CHAMPION if passed else CHALLENGER,
-        "previous_champion": int(previous) if previous else None,
+        "champion": promoted,
+        "alias": CHAMPION if promoted else CHALLENGER,
+        "previous_champion": previous,
+        "promotion": {k: v for k, v in decision.items() if k != "promote"},
         "failed_gates": [
             f"{g['name']}: {g['value']:.4g} {g['op']} {g['threshold']:.4g} failed by "
             f"{abs(g['margin']):.4g}" for g in failed

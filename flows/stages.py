@@ -136,8 +136,10 @@ def evaluate(project: Project, cfg: Config, log) -> dict:
         project.path("data/clips"), project.path("models/vae/vae.pt"),
         project.path("models/dit/dit.pt"), out, cfg, log=log,
         caption_metrics=_read_json(project.path("reports/caption.json")),
-        ckpt_dir=project.ckpt_dir("evaluate"),
+        ckpt_dir=project.ckpt_dir("evaluate"), encoded_dir=project.path("data/encoded"),
     )
+    # Where the sample grids the report links to live (the Prefect report links them in the UI).
+    report["mlflow_run_id"] = mlflow.active_run().info.run_id
     atomic_write_json(project.path("reports/evaluation.json"), report)
     mlflow.log_artifacts(str(out / "samples"), "samples")
     if (out / "report.md").exists():

@@ -112,6 +112,9 @@ def close_parent(project: Project, run_id: str, summary: dict | None, status: st
             tags["zoetrope.registered_version"] = str(summary["registered_version"])
             tags["zoetrope.alias"] = str(summary.get("alias") or "-")
         tags["zoetrope.champion"] = str(summary["champion"]).lower()
+        if summary.get("promotion"):  # champion/challenger: the decision and why, both figures
+            tags["zoetrope.promotion"] = summary["promotion"]["decision"]
+            tags["zoetrope.promotion_reason"] = summary["promotion"]["reason"]
         if summary.get("report"):
             client.log_text(run_id, summary["report"], "report.md")
     for key, value in tags.items():
