@@ -84,7 +84,9 @@ def _print_summary(s: dict, seconds: float) -> None:
     elif s["champion"]:
         print(f"registered model: zoetrope-t2v version {version} -> alias 'champion'")
     else:
-        print(f"registered model: zoetrope-t2v version {version} -> alias 'challenger' (NOT promoted)")
+        alias = s.get("alias")
+        print(f"registered model: zoetrope-t2v version {version} -> "
+              f"{repr(alias) + ' ' if alias else 'no alias '}(NOT promoted)")
         for reason in s.get("failed_gates", []):
             print(f"  failed gate {reason}")
     if version is not None and s.get("promotion"):

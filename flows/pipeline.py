@@ -165,7 +165,7 @@ def report_markdown(summary: dict) -> str:
                      f"{'pass' if g['passed'] else '**FAIL**'} |")
     version = summary["registered_version"]
     if version is not None:
-        alias = summary.get("alias") or ("champion" if summary["champion"] else "not promoted")
+        alias = summary.get("alias") or ("champion" if summary["champion"] else "none (a gate failed)")
         lines += ["", f"Registered model `zoetrope-t2v` version {version}, alias **{alias}**."]
         promotion = summary.get("promotion")
         if promotion:

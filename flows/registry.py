@@ -1,7 +1,8 @@
 """Registering the ONNX bundle in MLflow and promoting it with aliases (never stages).
 
-Every new version gets the alias `challenger`. Champion/challenger: a version that passes every
-gate takes `champion` (and drops `challenger`) only when it is at least as good as the current
+A new version that passes every gate gets the alias `challenger` (one that fails a gate is
+registered with no alias, its failed gates in its tags). Champion/challenger: a version that passes
+every gate takes `champion` (and drops `challenger`) only when it is at least as good as the current
 champion on the primary metric (`gates.primary_metric`, `gates.primary_direction`); the first
 version to pass every gate always does. Every version carries its evaluation metrics as tags
 (`metric.NAME`), so the champion's figure is read from the registry, not from a run that may be
@@ -125,7 +126,7 @@ def champion_figure(client: MlflowClient, metric: str, model: str = REGISTERED_M
 def apply_promotion(client: MlflowClient, version: str, evaluation: dict, passed: bool,
                     model: str = REGISTERED_MODEL, run_id: str | None = None) -> dict:
     """Champion/challenger for a newly registered `version`: record its metrics on it, give it
-    `challenger`, compare it with the champion and promote it when `decide` says so. The decision
+    `challenger` when it passed every gate, compare it with the champion and promote it when `decide` says so. The decision
     goes on the version's tags and, with both figures, on the run `run_id` (tags and metrics)."""
     version = str(version)
     for name, value in sorted(evaluation["metrics"].items()):
@@ -136,7 +137,8 @@ def apply_promotion(client: MlflowClient, version: str, evaluation: dict, passed
                        "(it records gates.primary_metric)")
     champion, champion_value = champion_figure(client, primary["metric"], model)
     decision = decide(passed, primary, champion, champion_value)
-    client.set_registered_model_alias(model, CHALLENGER, version)
+    if passed:
+        client.set_registered_model_alias(model, CHALLENGER, version)
     if decision["promote"]:
         promote(client, version, model)
     for key in ("decision", "reason"):
@@ -258,7 +260,7 @@ def register_bundle(project: Project, cfg: Config, bundle_dir: Path, evaluation:
         "model": REGISTERED_MODEL,
         "version": int(version),
         "champion": promoted,
-        "alias": CHAMPION if promoted else CHALLENGER,
+        "alias": CHAMPION if promoted else (CHALLENGER if passed else None),
         "previous_champion": previous,
         "promotion": {k: v for k, v in decision.items() if k != "promote"},
         "failed_gates": [

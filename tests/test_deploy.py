@@ -126,8 +126,9 @@ def test_dashboard_overrides_land_in_the_mlflow_run(project, dashboard_run):
     dit = next(r for r in stage_runs if r.data.tags["zoetrope.stage"] == "train_dit")
     assert dit.data.params["dit.steps"] == "12"
     assert any(k.startswith("system/") for k in dit.data.metrics), sorted(dit.data.metrics)
-    # every version registers as challenger; this short run fails the real gates
-    assert client.get_model_version_by_alias("zoetrope-t2v", "challenger").version in (1, "1")
+    # this short run fails the real gates: registered without an alias, the decision on the version
+    assert client.get_model_version("zoetrope-t2v", "1").tags["promotion.decision"] == "failed_gates"
+    assert "challenger" not in client.get_registered_model("zoetrope-t2v").aliases
 
 
 def test_each_run_leaves_report_metrics_table_and_full_progress(dashboard_run):
@@ -144,7 +145,7 @@ def test_each_run_leaves_report_metrics_table_and_full_progress(dashboard_run):
     report = by_type["markdown"].data
     assert run.info.run_id in report and "#/experiments/" in report
     assert "| onnx_max_abs_diff |" in report  # the gate table
-    assert "alias **challenger**" in report and "reports/eval/samples" in report
+    assert "alias **none (a gate failed)**" in report and "reports/eval/samples" in report
 
 
 def test_a_failing_stage_is_red_with_its_reason_and_finished_stages_are_not_redone(project, dashboard_run):

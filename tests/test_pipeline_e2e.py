@@ -70,8 +70,9 @@ def test_real_gates_do_not_promote_a_seconds_old_model(project, first_run):
     client = _client(project)
     versions = client.search_model_versions("name='zoetrope-t2v'")
     assert [str(v.version) for v in versions] == ["1"]
-    # registered as the challenger, never promoted to champion
-    assert set(client.get_registered_model("zoetrope-t2v").aliases) == {"challenger"}
+    # registered, but failing a gate it is neither champion nor challenger
+    assert set(client.get_registered_model("zoetrope-t2v").aliases) == set()
+    assert client.get_model_version("zoetrope-t2v", "1").tags["promotion.decision"] == "failed_gates"
     assert (project / "dvc.lock").exists()
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project,
                             capture_output=True, text=True, check=True)
