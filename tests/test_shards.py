@@ -105,3 +105,25 @@ def test_caption_on_dask_writes_the_same_captions_as_the_plain_loop(raw, tmp_pat
     assert any(line.endswith(",captioner") for line in lines)
     runs = _shard_task_runs("caption-shards")
     assert sorted(r.name for r in runs) == [f"caption-shard-{i:05d}" for i in range(4)]
+
+
+@pytest.mark.parametrize("override, named", [("dask.address=localhost:8786", "dask.address"),
+                                             ("dask.workers=-1", "dask.workers"),
+                                             ("dask.procesess=true", "dask.procesess")])
+def test_bad_dask_settings_fail_with_their_name(override, named):
+    from components import config as C
+    from tests.conftest import ROOT
+
+    with pytest.raises(C.ConfigError, match=named):
+        C.load(ROOT / "params.yaml", "ci", C.overrides_to_dict([override]))
+
+
+def test_the_runner_follows_the_settings():
+    from flows.shards import task_runner
+
+    remote = task_runner(DaskConfig(address="tcp://10.0.0.5:8786"))
+    assert remote.address == "tcp://10.0.0.5:8786" and remote.cluster_kwargs == {}
+    local = task_runner(DaskConfig(workers=3, processes=False))
+    assert local.address is None
+    assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "processes": False,
+                                    "dashboard_address": None}
