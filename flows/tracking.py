@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -167,7 +168,9 @@ def clips_dataset(project: Project):
     version = project.data_version()
     digest = version.removesuffix(".dir") if version != "none" else None
     df = pd.read_csv(manifest, dtype={"clip_id": str, "caption": str})
-    return mlflow.data.from_pandas(df, source=str(project.path("data/clips")), name="clips", digest=digest)
+    with warnings.catch_warnings():  # "integer columns cannot represent missing values": none are missing
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(df, source=str(project.path("data/clips")), name="clips", digest=digest)
 
 
 def log_clips_input(project: Project, run_id: str, context: str) -> bool:
