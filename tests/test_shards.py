@@ -127,3 +127,27 @@ def test_the_runner_follows_the_settings():
     assert local.address is None
     assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "processes": False,
                                     "dashboard_address": None}
+
+
+@pytest.mark.slow
+def test_a_stage_run_alone_shares_one_temporary_server_with_its_workers(tmp_path):
+    """Under plain `dvc repro` no Prefect server is set: the map starts one temporary server and
+    its workers report there (none starts its own)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import json\n"
+            "from components.config import DaskConfig\n"
+            "from flows.shards import mapper\n"
+            "from tests.test_shards import where\n"
+            "out = mapper(DaskConfig(workers=2, processes=True), 'alone')(where, [{'i': 0}, {'i': 1}, {'i': 2}])\n"
+            "print('RESULT', json.dumps([r['i'] for r in out]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT), PREFECT_LOGGING_LEVEL="INFO")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RESULT [0, 1, 2]" in done.stdout
+    assert (done.stdout + done.stderr).count("Starting temporary server") == 1  # the stage's, no worker's
