@@ -87,6 +87,9 @@ def run_stage(project_root: str, stage: str, parent_run_id: str, force: bool = F
         with slot, contextlib.chdir(project_root), Repo(project_root) as repo:
             ran = repo.reproduce(stage, single_item=True, force=force)
     except Exception as exc:  # noqa: BLE001 - re-raised with the stage's own one-line reason
+        if stage == "prepare":  # a failed validation is when its Data Docs matter most
+            with contextlib.suppress(Exception):
+                link_data_docs_artifact(project, parent_run_id)
         err = project.error_file(stage)
         cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
         reason = (err.read_text().split("\n\n")[0] if err.exists()
