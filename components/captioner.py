@@ -19,6 +19,7 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -338,6 +339,17 @@ def evaluate(captions: list[str], rows: list[dict]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 
 
+def caption_shard(model_path: Path, clips_dir: Path, shard: str, device: str = "cpu") -> dict:
+    """Caption every clip of one shard with the saved captioner (the unit a Dask worker runs).
+
+    -> {"clip_id": [str], "caption": [str]}, in the shard's order; strings only, so the result is
+    cheap to send back from a remote worker.
+    """
+    model = load_captioner(model_path, device)
+    data = torch.load(Path(clips_dir) / shard, map_location="cpu", weights_only=True)
+    return {"clip_id": list(data["clip_id"]), "caption": model.generate(data["video"])}
+
+
 def run_caption_stage(
     clips_dir: Path,
     captions_dir: Path,
@@ -346,17 +358,27 @@ def run_caption_stage(
     log: LogFn | None = None,
     ckpt_dir: Path | None = None,
     device: str | torch.device = "cpu",
+    map_shards: Callable[[Callable[..., dict], list[dict]], list[dict]] | None = None,
 ) -> dict:
-    """Train on the visible train captions, caption every other clip, write captions.csv."""
+    """Train on the visible train captions, caption every other clip, write captions.csv.
+
+    Captioning runs per shard (`caption_shard` on the saved model) through `map_shards(fn,
+    calls)` (the stage passes a Dask map, flows/shards.py); by default one shard after another.
+    """
     t0 = time.time()
     clips: Clips = load_clips(clips_dir)
     train = clips.indices("train", caption_visible=True)
     model = train_captioner(clips.video[train], clips.column("caption", train), cfg.caption, cfg.seed,
                             device=device, log=log, ckpt_dir=ckpt_dir)
     train_seconds = time.time() - t0
-    save_captioner(model, Path(model_dir) / "captioner.pt")
+    model_path = Path(model_dir) / "captioner.pt"
+    save_captioner(model, model_path)
 
-    generated = model.generate(clips.video)
+    calls = [{"model_path": model_path, "clips_dir": Path(clips_dir), "shard": name, "device": str(device)}
+             for name in dict.fromkeys(r["shard"] for r in clips.rows)]
+    parts = map_shards(caption_shard, calls) if map_shards else [caption_shard(**kw) for kw in calls]
+    by_id = {cid: text for part in parts for cid, text in zip(part["clip_id"], part["caption"], strict=True)}
+    generated = [by_id[cid] for cid in clips.clip_ids]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["clip_id", "caption", "source"])

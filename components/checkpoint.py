@@ -46,7 +46,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        # Through a file object: torch.save names the zip records after a path it is given (here
+        # the random temp name), so the same tensors would give different bytes (and DVC hashes)
+        # on every write; a file object gets the fixed name "archive".
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -207,6 +207,23 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class DaskConfig:
+    """Where prepare and caption run their per-shard work (flows/shards.py, prefect-dask).
+
+    Not a DVC param of any stage: the outputs are the same wherever the shards ran."""
+
+    enabled: bool = True  # false: the same per-shard functions in a plain loop (no Prefect, no Dask)
+    address: str = ""  # "" starts a local cluster per stage; else a scheduler, e.g. tcp://10.0.0.5:8786
+    workers: int = 2  # local cluster workers (0: one per CPU core)
+    processes: bool = True  # local workers as processes (false: threads of the stage process)
+
+    def validate(self) -> None:
+        _check(self.workers >= 0, "dask.workers", self.workers, "use 0 (one per core) or more")
+        _check(self.address == "" or "://" in self.address, "dask.address", self.address,
+               'use "" for a local cluster or a scheduler address such as tcp://HOST:8786')
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -220,6 +237,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    dask: DaskConfig = field(default_factory=DaskConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

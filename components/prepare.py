@@ -1,7 +1,7 @@
 """Raw videos -> training clips: decode, resample, resize, crop, shard, and quarantine the broken.
 
-Reads `raw_dir/metadata.jsonl`, decodes every listed video in `cfg.workers` processes, and
-writes `shard-NNNNN.pt` (`{"video": uint8 (N, 3, T, H, W), "clip_id": [str]}`),
+Reads `raw_dir/metadata.jsonl` and cuts it into shards of `data.shard_size` videos; each shard
+(`prepare_shard`, the unit a Dask worker runs) decodes its videos and writes `shard-NNNNN.pt` (`{"video": uint8 (N, 3, T, H, W), "clip_id": [str]}`),
 `manifest.csv` (one row per clip, in shard order) and `quarantine.json` (each unusable file with
 its reason) to `out_dir`. Splits: "heldout" stays; a `val_fraction` share of the train videos
 becomes "val", drawn from the metadata (not from the files that decoded), so one broken file
@@ -17,12 +17,17 @@ import multiprocessing
 import random
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from components.config import DataConfig
 from components.video_io import read_clip
+
+T = TypeVar("T")
+# `map_shards(fn, calls)` -> `[fn(**kwargs) for kwargs in calls]`, wherever the calls run.
+MapShards = Callable[[Callable[..., T], list[dict]], list[T]]
 
 METADATA_KEYS = ("id", "file", "color", "shape", "motion", "speed", "size", "background",
                  "caption", "split", "caption_visible", "fps", "frames", "width", "height")
@@ -171,42 +176,77 @@ def write_clips(out_dir: Path, items: list[tuple[dict, np.ndarray]], shard_size:
     return rows, shards
 
 
-def prepare(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int) -> dict:
-    """Decode, normalise and shard every video in `raw_dir`; return a summary."""
-    # Imported here: spawned workers import this module, and torch takes ~3 s to import.
-    from components.checkpoint import atomic_write_json
+# ----------------------------------------------------------------------------------------------
+# Per shard: what a Dask worker runs (flows/shards.py maps it; `prepare` loops over it)
+# ----------------------------------------------------------------------------------------------
 
-    t0 = time.time()
-    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    records = read_metadata(raw_dir)
-    splits = assign_splits(records, cfg.val_fraction, seed)
-    jobs = [(str(raw_dir / r["file"]), cfg.frames, cfg.fps, cfg.size) for r in records]
-    results = _decode_all(jobs, cfg.workers)
 
-    good, quarantine = [], []
-    for rec, (clip, reason) in zip(records, results):
+def plan_shards(raw_dir: Path, cfg: DataConfig) -> list[dict]:
+    """The keyword arguments of `prepare_shard` for each shard: `data.shard_size` input videos
+    each, in metadata order, named by their range (a few bytes to send to a remote worker)."""
+    total = len(read_metadata(raw_dir))
+    return [{"index": i, "start": start, "stop": min(start + cfg.shard_size, total)}
+            for i, start in enumerate(range(0, total, cfg.shard_size))]
+
+
+def prepare_shard(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int, index: int, start: int,
+                  stop: int, workers: int = 1) -> dict:
+    """Decode videos `start:stop` of the metadata and write `shard-{index:05d}.pt` with the usable ones.
+
+    Returns its manifest rows and quarantine entries (no tensors: the result crosses the network
+    when the shard ran on a remote Dask worker). A shard whose every video is broken writes no file.
+    """
+    every = read_metadata(raw_dir)
+    splits = assign_splits(every, cfg.val_fraction, seed)  # over all videos: a shard never moves a split
+    records = every[start:stop]
+    jobs = [(str(Path(raw_dir) / r["file"]), cfg.frames, cfg.fps, cfg.size) for r in records]
+    rows, clips, quarantine = [], [], []
+    for rec, (clip, reason) in zip(records, _decode_all(jobs, workers)):
         if clip is None:
             quarantine.append({"id": rec["id"], "path": rec["file"], "reason": reason})
-        else:
-            good.append((rec, clip))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "quarantine.json", quarantine)
-    check_bad_share(quarantine, len(records), cfg, out_dir, f"videos in {raw_dir}",
-                    "fix or regenerate the raw data")
-
-    items = []
-    for rec, clip in good:
+            continue
         visible = bool(rec["caption_visible"])
-        items.append(({
+        rows.append({
             "clip_id": rec["id"], "source": rec["file"],
             "frames": clip.shape[1], "height": clip.shape[2], "width": clip.shape[3],
             "fps": cfg.fps, "split": splits[rec["id"]],
             "caption": rec["caption"] if visible else "", "caption_visible": visible,
             **{k: rec[k] for k in ("color", "shape", "motion", "speed", "size", "background")},
             **clip_stats(clip),
-        }, clip))
-    rows, shards = write_clips(out_dir, items, cfg.shard_size)
+        })
+        clips.append(clip)
+    name = f"shard-{index:05d}.pt"
+    if clips:
+        import torch
 
+        from components.checkpoint import atomic_torch_save
+
+        video = torch.from_numpy(np.stack(clips))  # (N, 3, T, H, W)
+        atomic_torch_save({"video": video, "clip_id": [r["clip_id"] for r in rows]}, Path(out_dir) / name)
+    for i, row in enumerate(rows):
+        row.update(shard=name, index=i)
+    return {"rows": rows, "quarantine": quarantine, "shard": name if clips else None}
+
+
+def finish_prepare(raw_dir: Path, out_dir: Path, cfg: DataConfig, parts: list[dict], t0: float) -> dict:
+    """Join the shards' results (in shard order): quarantine.json, the bad-share check,
+    manifest.csv; remove shards an earlier, larger run left. Returns the stage summary."""
+    from components.checkpoint import atomic_write_json, atomic_write_text
+
+    out_dir = Path(out_dir)
+    rows = [row for part in parts for row in part["rows"]]
+    quarantine = [q for part in parts for q in part["quarantine"]]
+    shards = [part["shard"] for part in parts if part["shard"]]
+    atomic_write_json(out_dir / "quarantine.json", quarantine)
+    check_bad_share(quarantine, len(rows) + len(quarantine), cfg, out_dir, f"videos in {raw_dir}",
+                    "fix or regenerate the raw data")
+    for stale in set(p.name for p in out_dir.glob("shard-*.pt")) - set(shards):
+        (out_dir / stale).unlink()
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "manifest.csv", buf.getvalue())
     seconds = time.time() - t0
     return {
         "clips": len(rows),
@@ -216,3 +256,27 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int) -> dict:
         "seconds": round(seconds, 2),
         "clips_per_s": round(len(rows) / seconds, 1),
     }
+
+
+def serial_map(fn: Callable[..., T], calls: list[dict]) -> list[T]:
+    """`fn(**kwargs)` for each call, in order: what a `map_shards` argument must return."""
+    return [fn(**kwargs) for kwargs in calls]
+
+
+def prepare(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int,
+            map_shards: MapShards | None = None) -> dict:
+    """Decode, normalise and shard every video in `raw_dir`; return a summary.
+
+    `map_shards(prepare_shard, calls)` runs the shards (the stage passes a Dask map, see
+    flows/shards.py); by default one after another, each decoding in `data.workers` processes.
+    Either way the same files come out, byte for byte.
+    """
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Under a map each shard is one worker's job: decoding pools inside it would oversubscribe.
+    workers = cfg.workers if map_shards is None else 1
+    calls = [{"raw_dir": Path(raw_dir), "out_dir": out_dir, "cfg": cfg, "seed": seed, "workers": workers, **kw}
+             for kw in plan_shards(raw_dir, cfg)]
+    parts = (map_shards or serial_map)(prepare_shard, calls)
+    return finish_prepare(raw_dir, out_dir, cfg, parts, t0)

@@ -78,6 +78,8 @@ def run_stage(project_root: str, stage: str, parent_run_id: str, force: bool = F
     bindir = str(Path(sys.executable).parent)
     if not os.environ.get("PATH", "").startswith(bindir):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    # The stage's own sub-flows (the Dask shard maps of prepare and caption) report to this server.
+    os.environ["PREFECT_API_URL"] = current_api_url()
     slot = concurrency(TRAINING_LIMIT, occupy=1) if stage in TRAINING_STAGES else contextlib.nullcontext()
     t0 = time.time()
     try:
@@ -85,15 +87,41 @@ def run_stage(project_root: str, stage: str, parent_run_id: str, force: bool = F
         with slot, contextlib.chdir(project_root), Repo(project_root) as repo:
             ran = repo.reproduce(stage, single_item=True, force=force)
     except Exception as exc:  # noqa: BLE001 - re-raised with the stage's own one-line reason
+        if stage == "prepare":  # a failed validation is when its Data Docs matter most
+            with contextlib.suppress(Exception):
+                link_data_docs_artifact(project, parent_run_id)
         err = project.error_file(stage)
         cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
         reason = (err.read_text().split("\n\n")[0] if err.exists()
                   else f"{type(exc).__name__}: {exc}{cause}")
         raise StageFailed(f"{reason} (details: {err})") from None
     seconds = time.time() - t0
+    if stage == "prepare" and ran:
+        link_data_docs_artifact(project, parent_run_id)
     status = "ran" if ran else "skipped (up to date)"
     logger.info("stage %s %s in %.1f s", stage, status, seconds)
     return {"stage": stage, "ran": bool(ran), "seconds": round(seconds, 1)}
+
+
+def current_api_url() -> str:
+    """The Prefect API this flow reports to (a temporary server's, under plain `zoetrope run`)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url).rstrip("/")
+
+
+def link_data_docs_artifact(project: Project, parent_run_id: str) -> None:
+    """A markdown artifact linking the prepare stage's Great Expectations Data Docs in MLflow."""
+    docs = tracking.data_docs_of(project, parent_run_id)
+    if docs is None:
+        return
+    create_markdown_artifact(
+        "# Data validation\n\n"
+        f"Great Expectations Data Docs of the clip manifest: [open in MLflow]({docs['ui']})\n\n"
+        f"Artifact `{docs['uri']}` of the prepare stage run `{docs['run_id']}`; "
+        f"local copy `{project.path('data/clips/data_docs/index.html')}`.",
+        key="data-docs", description="Great Expectations Data Docs of the prepared clips")
 
 
 @task(name="open-mlflow-run", **IO_RETRIES)

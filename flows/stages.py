@@ -52,17 +52,18 @@ def synth(project: Project, cfg: Config, log) -> dict:
 def prepare(project: Project, cfg: Config, log) -> dict:
     import mlflow
 
-    from components.prepare import prepare as prepare_clips
-    from flows.validation import validate_manifest
-
     from components.ingest import SOURCES, ingest
+    from components.prepare import prepare as prepare_clips
+    from flows import shards, tracking
+    from flows.validation import validate_manifest
 
     out = _fresh(project.path("data/clips"))
     raw = project.path("data/raw")
     if (raw / SOURCES).exists():  # the synth stage staged the user's own videos
+        # Not sharded: scene cuts and de-duplication compare clips across the whole folder.
         summary = ingest(raw, out, cfg.data, cfg.ingest, cfg.seed)
     else:
-        summary = prepare_clips(raw, out, cfg.data, cfg.seed)
+        summary = prepare_clips(raw, out, cfg.data, cfg.seed, map_shards=shards.mapper(cfg.dask, "prepare"))
     for report in ("quarantine.json", "ingest.json"):
         if (out / report).exists():
             mlflow.log_artifact(str(out / report), "data")
@@ -72,13 +73,15 @@ def prepare(project: Project, cfg: Config, log) -> dict:
         if (out / "validation.json").exists():
             mlflow.log_artifact(str(out / "validation.json"), "data")
         if (out / "data_docs").exists():
-            mlflow.log_artifacts(str(out / "data_docs"), "data/data_docs")
+            mlflow.log_artifacts(str(out / "data_docs"), tracking.DATA_DOCS_ARTIFACT)
+            tracking.link_data_docs(project, mlflow.active_run().info.run_id, out / "data_docs")
     summary["validation_passed"] = float(bool(result.get("success", True)))
     return summary
 
 
 def caption(project: Project, cfg: Config, log) -> dict:
     from components.captioner import run_caption_stage
+    from flows import shards
 
     metrics = run_caption_stage(
         project.path("data/clips"),
@@ -87,6 +90,7 @@ def caption(project: Project, cfg: Config, log) -> dict:
         cfg,
         log=log,
         ckpt_dir=project.ckpt_dir("caption"),
+        map_shards=shards.mapper(cfg.dask, "caption"),
     )
     atomic_write_json(project.path("reports/caption.json"), metrics)
     return metrics

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +30,11 @@ UI_ENV = "ZOETROPE_MLFLOW_UI"
 DEFAULT_UI = "http://127.0.0.1:5000"
 # Lineage artifacts of every parent run: what `zoetrope reproduce` reads back.
 LINEAGE_DIR = "lineage"
+# The Great Expectations Data Docs of the prepare stage run, and the tag that links them.
+DATA_DOCS_ARTIFACT = "data/data_docs"
+DATA_DOCS_TAG = "zoetrope.data_docs"
+# Stage runs that read the prepared clips: each logs them as its dataset input.
+CLIP_READERS = ("caption", "train_vae", "encode", "evaluate")
 
 
 def setup(project: Project) -> str:
@@ -99,6 +105,7 @@ def close_parent(project: Project, run_id: str, summary: dict | None, status: st
     """Record what the run produced (dvc.lock, metrics, gates, model) and end it."""
     client = MlflowClient(project.tracking_uri)
     tags = {"dvc.data_version": project.data_version(), "dvc.lock_md5": dvc_lock_md5(project)}
+    log_clips_input(project, run_id, "training")
     lock = project.path("dvc.lock")
     if lock.exists():
         client.log_artifact(run_id, str(lock), LINEAGE_DIR)
@@ -120,6 +127,65 @@ def close_parent(project: Project, run_id: str, summary: dict | None, status: st
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     client.set_terminated(run_id, status)
+
+
+def link_data_docs(project: Project, run_id: str, docs_dir: Path) -> str:
+    """Link the run to its logged Data Docs: the tag `zoetrope.data_docs` (the artifact URI of the
+    index page), `zoetrope.data_docs_ui` (the page in the MLflow UI) and the run's description."""
+    client = MlflowClient(project.tracking_uri)
+    run = client.get_run(run_id)
+    page = f"{DATA_DOCS_ARTIFACT}/index.html"
+    if not (Path(docs_dir) / "index.html").exists():
+        raise FileNotFoundError(f"{docs_dir}/index.html is missing: Great Expectations wrote no Data Docs")
+    uri = f"{run.info.artifact_uri}/{page}"
+    base = os.environ.get(UI_ENV, DEFAULT_UI).rstrip("/")
+    ui = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}/artifactPath/{page}"
+    client.set_tag(run_id, DATA_DOCS_TAG, uri)
+    client.set_tag(run_id, f"{DATA_DOCS_TAG}_ui", ui)
+    client.set_tag(run_id, "mlflow.note.content",
+                   f"Great Expectations Data Docs of the clip manifest: [{page}]({ui}) (`{uri}`)")
+    return uri
+
+
+def data_docs_of(project: Project, parent_run_id: str) -> dict[str, str] | None:
+    """The Data Docs links of the newest prepare stage run under a pipeline run, if it has them."""
+    exp = setup(project)
+    runs = MlflowClient(project.tracking_uri).search_runs(
+        [exp], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`zoetrope.stage` = 'prepare'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs or DATA_DOCS_TAG not in runs[0].data.tags:
+        return None
+    tags = runs[0].data.tags
+    return {"run_id": runs[0].info.run_id, "uri": tags[DATA_DOCS_TAG], "ui": tags.get(f"{DATA_DOCS_TAG}_ui", "")}
+
+
+def clips_dataset(project: Project):
+    """The prepared clips as an MLflow dataset: the manifest's rows, digest = the DVC hash of
+    `data/clips` in dvc.lock (MLflow's own hash of the manifest before DVC has locked it)."""
+    import mlflow.data
+    import pandas as pd
+
+    manifest = project.path("data/clips/manifest.csv")
+    if not manifest.exists():
+        return None
+    version = project.data_version()
+    digest = version.removesuffix(".dir") if version != "none" else None
+    df = pd.read_csv(manifest, dtype={"clip_id": str, "caption": str})
+    with warnings.catch_warnings():  # "integer columns cannot represent missing values": none are missing
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(df, source=str(project.path("data/clips")), name="clips", digest=digest)
+
+
+def log_clips_input(project: Project, run_id: str, context: str) -> bool:
+    """Log the clips as a dataset input of `run_id` (`mlflow.log_input` through the client)."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = clips_dataset(project)
+    if dataset is None:
+        return False
+    MlflowClient(project.tracking_uri).log_inputs(run_id, [DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+    return True
 
 
 class StageLogger:
@@ -159,6 +225,8 @@ def stage_run(project: Project, stage: str, cfg: Config) -> Iterator[StageLogger
         run_name=stage, parent_run_id=parent, nested=bool(parent), tags=tags, log_system_metrics=True
     ):
         mlflow.log_params(cfg.flat())
+        if stage in CLIP_READERS:
+            log_clips_input(project, mlflow.active_run().info.run_id, stage)
         t0 = time.time()
         try:
             yield StageLogger()
