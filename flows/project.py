@@ -34,6 +34,9 @@ QUIET_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "GIT_PYTHON_REFRESH": "quiet",
+    # Prefect's temporary server gets 20 s to start by default; on a busy 2-core machine it took
+    # longer and `zoetrope run` died before its first stage.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 
