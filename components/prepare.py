@@ -28,9 +28,8 @@ from components.video_io import read_clip
 
 METADATA_KEYS = ("id", "file", "color", "shape", "motion", "speed", "size", "background",
                  "caption", "split", "caption_visible", "fps", "frames", "width", "height")
-# Optional in metadata (older raw folders lack them): one object, no second-object attributes,
-# duration from frames / fps, aspect from width and height.
-OPTIONAL_METADATA_KEYS = ("objects", *world.SECOND_KEYS, "duration", "aspect")
+# Optional in metadata (older raw folders lack them): `objects` (default 1), `world.SECOND_KEYS`
+# (default empty), `duration` (default frames / fps), `aspect` (default from width and height).
 MANIFEST_COLUMNS = ("clip_id", "source", "shard", "index", "frames", "height", "width", "fps",
                     "split", "caption", "caption_visible", "color", "shape", "motion", "speed",
                     "size", "background", "motion_score", "mean", "std",
