@@ -328,9 +328,20 @@ def attribute_accuracy(captions: list[str], truth: list[dict]) -> dict[str, floa
 
 
 def evaluate(captions: list[str], rows: list[dict]) -> dict[str, float]:
+    """Attribute accuracy of the first object named (`acc_*`), BLEU-4 against the canonical
+    captions (both objects), and on two-object clips the share naming two objects and the second
+    object's colour / shape / motion accuracy (`objects2_*`)."""
     truth = [{k: r[k] for k in world.ATTRIBUTES} for r in rows]
     out = {f"acc_{k}": v for k, v in attribute_accuracy(captions, truth).items()}
-    out["bleu4"] = corpus_bleu([world.caption(t) for t in truth], captions)
+    refs = [world.caption({**t, **{k: r.get(k, "") for k in world.SECOND_KEYS}})
+            for t, r in zip(truth, rows)]
+    out["bleu4"] = corpus_bleu(refs, captions)
+    pairs = [(world.parse_objects(c), world.second_object(r)) for c, r in zip(captions, rows)
+             if r.get("objects") == 2]
+    if pairs:
+        out["objects2_count"] = sum(len(p) == 2 for p, _ in pairs) / len(pairs)
+        for a in world.GRADED:
+            out[f"objects2_{a}"] = sum(len(p) == 2 and p[1][a] == t[a] for p, t in pairs) / len(pairs)
     return out
 
 

@@ -51,6 +51,9 @@ def read_manifest(path: Path) -> list[dict]:
         r.update({k: int(r[k]) for k in _INT})
         r.update({k: float(r[k]) for k in _FLOAT})
         r["caption_visible"] = r["caption_visible"] == "True"
+        # Synthetic-world columns: empty for your own videos (and absent in older manifests).
+        r["objects"] = int(r["objects"]) if r.get("objects") else None
+        r["duration"] = float(r["duration"]) if r.get("duration") else None
     return rows
 
 

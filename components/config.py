@@ -40,6 +40,9 @@ class DataConfig:
     shard_size: int = 512  # clips per shard
     workers: int = 2  # decoding processes (0: one per CPU core)
     source: str = "synthetic"  # "synthetic" (the embedded world) or a folder of your own videos
+    two_object_fraction: float = 0.25  # share of synthetic videos with a second object
+    min_duration: float = 2.0  # synthetic video length range in seconds (at least one clip long)
+    max_duration: float = 4.0
 
     def validate(self) -> None:
         _check(bool(self.source.strip()), "data.source", self.source,
@@ -52,6 +55,12 @@ class DataConfig:
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, f"data.{name}", v, "use a fraction in [0, 1)")
         _check(self.num_videos >= 50, "data.num_videos", self.num_videos, "use at least 50")
+        # A second object's colour comes after the first's, so 1/7 of videos (white first) have none.
+        _check(0.0 <= self.two_object_fraction <= 0.8, "data.two_object_fraction",
+               self.two_object_fraction, "use a fraction in [0, 0.8]")
+        _check(self.min_duration > 0, "data.min_duration", self.min_duration, "use seconds > 0")
+        _check(self.max_duration >= self.min_duration, "data.max_duration", self.max_duration,
+               f"use at least data.min_duration ({self.min_duration})")
 
 
 @dataclass(frozen=True)

@@ -247,16 +247,18 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     metrics["vae_psnr"] = float(psnr(to_unit(recon_unseen), to_unit(real_unseen)))
     metrics["vae_ssim"] = float(ssim(to_unit(recon_unseen), to_unit(real_unseen)))
 
-    # 2. The judge: real train clips plus reconstructions of half of them.
-    train_idx = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    # 2. The judge: real one-object train clips plus reconstructions of half of them. It grades
+    # one-object prompts, and a second object would make its labels (the first's) ambiguous.
+    train_idx = [i for i, r in enumerate(rows) if r["split"] == "train" and _one_object(r)]
     recon_idx = train_idx[::2]
     recon = to_uint8(vae_reconstruct(vae, clips.video[recon_idx], device))
     judge_video = torch.cat([clips.video[train_idx], recon])
     labels = {a: [rows[i][a] for i in train_idx] + [rows[i][a] for i in recon_idx] for a in world.GRADED}
     judge = train_judge(judge_video, labels, cfg.eval, cfg.seed, log=_prefixed(log, "judge/"),
                         ckpt_dir=ckpt_dir)
-    unseen_labels = {a: [rows[i][a] for i in unseen] for a in world.GRADED}
-    for name, video in (("real", real_unseen), ("recon", recon_unseen)):
+    single = [k for k, i in enumerate(unseen) if _one_object(rows[i])]
+    unseen_labels = {a: [rows[unseen[k]][a] for k in single] for a in world.GRADED}
+    for name, video in (("real", real_unseen[single]), ("recon", recon_unseen[single])):
         for attr, acc in judge.accuracy(video, unseen_labels).items():
             metrics[f"judge_{name}_{attr}"] = float(acc)
 
@@ -417,6 +419,11 @@ def report_markdown(report: dict) -> str:
         if key in m:
             lines.append(f"![{name}](samples/grid_{name}.gif)")
     return "\n".join(lines) + "\n"
+
+
+def _one_object(row: dict) -> bool:
+    """One object, or unknown (older manifests): the clips the judge trains on and grades."""
+    return row.get("objects") in (None, 1)
 
 
 def _prefixed(log: LogFn | None, prefix: str) -> LogFn | None:

@@ -35,19 +35,21 @@ class T2VPipeline:
         return cls(load_vae(vae_path, device), load_dit(dit_path, device),
                    TextEncoder(max_tokens, device), device)
 
-    def latent_shape(self, batch: int, num_frames: int) -> tuple[int, ...]:
-        return (batch, *self.vae.latent_shape(num_frames, self.size, self.size))
+    def latent_shape(self, batch: int, num_frames: int, height: int | None = None,
+                     width: int | None = None) -> tuple[int, ...]:
+        return (batch, *self.vae.latent_shape(num_frames, height or self.size, width or self.size))
 
-    def shift(self, num_frames: int) -> float:
-        _, t, h, w = self.vae.latent_shape(num_frames, self.size, self.size)
+    def shift(self, num_frames: int, height: int | None = None, width: int | None = None) -> float:
+        _, t, h, w = self.vae.latent_shape(num_frames, height or self.size, width or self.size)
         trained = getattr(self.dit, "train_config", {})  # the dit: section that trained it
         return schedule.token_shift(self.dit.num_tokens(t, h, w), trained.get("shift", 1.0),
                                     trained.get("shift_tokens", 256))
 
-    def noise(self, seed: int | Sequence[int], batch: int, num_frames: int) -> torch.Tensor:
+    def noise(self, seed: int | Sequence[int], batch: int, num_frames: int, height: int | None = None,
+              width: int | None = None) -> torch.Tensor:
         """One int: `initial_noise(seed, (B, c, t, h, w))`. A list: one seed per video, each drawn
         alone as `OnnxT2V.generate_batch` does, so a batch reproduces single-prompt videos."""
-        shape = self.latent_shape(batch, num_frames)
+        shape = self.latent_shape(batch, num_frames, height, width)
         if isinstance(seed, (int, np.integer)):
             noise = schedule.initial_noise(int(seed), shape)
         else:
@@ -59,14 +61,16 @@ class T2VPipeline:
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int | Sequence[int], steps: int = 25,
                  guidance: float = 6.0, num_frames: int | None = None,
-                 sampler: str = "euler") -> np.ndarray:
-        """-> uint8 video (B, T, H, W, 3)."""
+                 sampler: str = "euler", *, height: int | None = None,
+                 width: int | None = None) -> np.ndarray:
+        """-> uint8 video (B, T, H, W, 3): `num_frames` (1: an image) of `height` x `width`
+        (default: the trained clip's frames and square size; any native size the model knows)."""
         if isinstance(prompts, str):
             raise TypeError("generate takes a list of prompts, not one string")
         num_frames = num_frames or self.frames
         ctx, mask = self.text.encode(list(prompts))  # (B, L, 384), (B, L)
-        noise = self.noise(seed, len(prompts), num_frames)  # (B, c, t, h, w)
+        noise = self.noise(seed, len(prompts), num_frames, height, width)  # (B, c, t, h, w)
         z = sample(self.dit, noise, ctx, mask, self.null_ctx, self.null_mask, steps, guidance,
-                   self.shift(num_frames), sampler)  # (B, c, t, h, w), normalised
+                   self.shift(num_frames, height, width), sampler)  # (B, c, t, h, w), normalised
         video = self.vae.decode(self.vae.denormalize(z))  # (B, 3, T, H, W) in [-1, 1]
         return to_uint8(video).permute(0, 2, 3, 4, 1).cpu().numpy()

@@ -192,15 +192,26 @@ class BundleInfo:
     def limits(self) -> Limits:
         return Limits(time_down=self.time_down, max_frames=self.max_frames, default_frames=self.frames)
 
-    def latent_shape(self, num_frames: int) -> tuple[int, int, int, int]:
-        """(c, t, h, w) for a video of `num_frames` frames; the causal VAE keeps frame 0 alone."""
-        side = self.size // self.space_down
-        return (self.latent_channels, 1 + (num_frames - 1) // self.time_down, side, side)
+    def latent_shape(self, num_frames: int, height: int | None = None,
+                     width: int | None = None) -> tuple[int, int, int, int]:
+        """(c, t, h, w) for a video of `num_frames` frames of `height` x `width` (default: the
+        trained `size` square); the causal VAE keeps frame 0 alone."""
+        h, w = (height or self.size) // self.space_down, (width or self.size) // self.space_down
+        return (self.latent_channels, 1 + (num_frames - 1) // self.time_down, h, w)
 
-    def shift_for(self, num_frames: int) -> float:
+    def check_side(self, name: str, value: Any) -> int:
+        """A video height or width: a positive multiple of what the VAE and the DiT's patches divide."""
+        multiple = self.space_down * max(self.patch[1], self.patch[2])
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < multiple \
+                or value % multiple:
+            raise ValueError(f"{name}={value!r} is invalid: use a multiple of {multiple} "
+                             f"(e.g. {self.size}, the trained size)")
+        return int(value)
+
+    def shift_for(self, num_frames: int, height: int | None = None, width: int | None = None) -> float:
         if self.shift is not None:
             return self.shift
-        _, t, h, w = self.latent_shape(num_frames)
+        _, t, h, w = self.latent_shape(num_frames, height, width)
         pt, ph, pw = self.patch
         return schedule.token_shift((t // pt) * (h // ph) * (w // pw), self.shift_base, self.shift_tokens)
 
@@ -365,11 +376,14 @@ class OnnxT2V:
     def sample_latents(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
                        guidance: float | Sequence[float] | None = None, num_frames: int | None = None,
                        sampler: str | None = None,
-                       negative_prompts: Sequence[str] | None = None) -> np.ndarray:
+                       negative_prompts: Sequence[str] | None = None, *,
+                       height: int | None = None, width: int | None = None) -> np.ndarray:
         """Normalised latents float32 (B, c, t, h, w), as `rectified_flow.sample` integrates them.
 
         `guidance` is one number or one per prompt; `negative_prompts` (one per prompt) replace
         the empty caption of the unconditional branch, as in Stable Diffusion's negative prompt.
+        `height` / `width` (default: the trained square size) pick any native size, and
+        `num_frames=1` an image: every graph has dynamic time and space axes.
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts should be a list of strings")
@@ -386,9 +400,11 @@ class OnnxT2V:
                 or not all(isinstance(n, str) for n in negative_prompts):
             raise ValueError(f"negative_prompts should be a list of {b} strings, one per prompt")
         steps, num_frames, sampler = self._resolve(steps, num_frames, sampler)
+        height = self.info.size if height is None else self.info.check_side("height", height)
+        width = self.info.size if width is None else self.info.check_side("width", width)
         g = self._guidances(guidance, b)
 
-        shape = self.info.latent_shape(num_frames)
+        shape = self.info.latent_shape(num_frames, height, width)
         # Each video's noise is drawn alone so a batch reproduces the single-prompt videos.
         x = np.concatenate([schedule.initial_noise(int(s), (1, *shape)) for s in seeds])  # (B, c, t, h, w)
         uncond = list(dict.fromkeys(negative_prompts))  # each distinct negative encoded once
@@ -411,7 +427,7 @@ class OnnxT2V:
             v_cond, v_uncond = v[:b], v[b:]
             return v_uncond + gb * (v_cond - v_uncond)
 
-        ts = schedule.timesteps(steps, self.info.shift_for(num_frames))
+        ts = schedule.timesteps(steps, self.info.shift_for(num_frames, height, width))
         for t, t_next in zip(ts[:-1], ts[1:]):
             dt = t_next - t  # negative: from noise towards data
             v = velocity(x, t)
@@ -426,22 +442,24 @@ class OnnxT2V:
     def generate_batch(self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
                        guidance: float | Sequence[float] | None = None, num_frames: int | None = None,
                        sampler: str | None = None,
-                       negative_prompts: Sequence[str] | None = None) -> np.ndarray:
+                       negative_prompts: Sequence[str] | None = None, *,
+                       height: int | None = None, width: int | None = None) -> np.ndarray:
         """One video per (prompt, seed): uint8 (B, T, H, W, 3).
 
         Video i is `generate(prompts[i], seeds[i])` up to float rounding of the larger batch.
         """
         return self.decode(self.sample_latents(prompts, seeds, steps, guidance, num_frames, sampler,
-                                               negative_prompts))
+                                               negative_prompts, height=height, width=width))
 
     def generate(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  num_frames: int | None = None, sampler: str | None = None,
-                 negative_prompt: str = "") -> np.ndarray:
-        """uint8 video (T, H, W, 3) for one prompt."""
+                 negative_prompt: str = "", *, height: int | None = None,
+                 width: int | None = None) -> np.ndarray:
+        """uint8 video (T, H, W, 3) for one prompt (height x width: any native size)."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt={prompt!r} is invalid: use a string")
         return self.generate_batch([prompt], [seed], steps, guidance, num_frames, sampler,
-                                   [negative_prompt])[0]
+                                   [negative_prompt], height=height, width=width)[0]
 
     def describe(self) -> dict:
         """Provider and bundle metadata, as the service's /info reports them."""

@@ -1,7 +1,9 @@
 """Raw videos -> training clips: decode, resample, resize, crop, shard, and quarantine the broken.
 
 Reads `raw_dir/metadata.jsonl` and cuts it into shards of `data.shard_size` videos; each shard
-(`prepare_shard`, the unit a Dask worker runs) decodes its videos and writes `shard-NNNNN.pt` (`{"video": uint8 (N, 3, T, H, W), "clip_id": [str]}`),
+(`prepare_shard`, the unit a Dask worker runs) decodes one clip of `data.frames` frames from each
+of its videos (a window drawn per video, seeded: `window_start`) and writes `shard-NNNNN.pt`
+(`{"video": uint8 (N, 3, T, H, W), "clip_id": [str]}`),
 `manifest.csv` (one row per clip, in shard order) and `quarantine.json` (each unusable file with
 its reason) to `out_dir`. Splits: "heldout" stays; a `val_fraction` share of the train videos
 becomes "val", drawn from the metadata (not from the files that decoded), so one broken file
@@ -22,6 +24,7 @@ from typing import Callable, TypeVar
 import numpy as np
 from PIL import Image
 
+from components import world
 from components.config import DataConfig
 from components.video_io import read_clip
 
@@ -31,9 +34,12 @@ MapShards = Callable[[Callable[..., T], list[dict]], list[T]]
 
 METADATA_KEYS = ("id", "file", "color", "shape", "motion", "speed", "size", "background",
                  "caption", "split", "caption_visible", "fps", "frames", "width", "height")
+# Optional in metadata (older raw folders lack them): `objects` (default 1), `world.SECOND_KEYS`
+# (default empty), `duration` (default frames / fps), `aspect` (default from width and height).
 MANIFEST_COLUMNS = ("clip_id", "source", "shard", "index", "frames", "height", "width", "fps",
                     "split", "caption", "caption_visible", "color", "shape", "motion", "speed",
-                    "size", "background", "motion_score", "mean", "std")
+                    "size", "background", "motion_score", "mean", "std",
+                    "objects", *world.SECOND_KEYS, "duration", "aspect")
 
 
 class TooManyBadFiles(RuntimeError):
@@ -71,29 +77,43 @@ def resize_crop(frame: np.ndarray, size: int) -> np.ndarray:
     return frame[top : top + size, left : left + size]
 
 
-def load_clip(path: Path, frames: int, fps: int, size: int) -> np.ndarray:
-    """Decode one video to uint8 (3, T, H, W) at `fps`; ValueError with the reason if unusable."""
+def aspect_of(height: int, width: int) -> str:
+    return "square" if height == width else "landscape" if width > height else "portrait"
+
+
+def window_start(rec: dict, frames: int, fps: int, seed: int) -> float:
+    """Start (seconds) of the clip cut from a metadata record's video: a whole number of clip
+    frames into it, drawn per video (seeded), so the clip lies anywhere within the video."""
+    span = int(rec["frames"]) / float(rec["fps"]) - (frames - 1) / fps  # room beyond one clip, s
+    last = max(0, int(np.floor(span * fps - 1e-6)))  # later starts could need a frame past the end
+    return random.Random(f"{seed}:{rec['id']}").randint(0, last) / fps
+
+
+def load_clip(path: Path, frames: int, fps: int, size: int, start: float = 0.0) -> np.ndarray:
+    """Decode `frames` frames at `fps` from `start` seconds on as uint8 (3, T, H, W); ValueError
+    with the reason if unusable. Decoding stops at the clip's last frame."""
     if not path.exists():
         raise ValueError("missing file")
     if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
     try:
-        video, src_fps = read_clip(path)
+        # A target frame's slack past the clip's end covers rounding to the nearest source frame.
+        video, src_fps = read_clip(path, end_time=start + frames / fps)
     except Exception as exc:  # PyAV raises many error types for corrupt input
         raise ValueError(f"undecodable: {type(exc).__name__}: {exc}") from None
-    # The nearest source frame to each target time i / fps.
-    index = np.round(np.arange(frames) * src_fps / fps).astype(int)
+    # The nearest source frame to each target time start + i / fps.
+    index = np.round((start + np.arange(frames) / fps) * src_fps).astype(int)
     if index[-1] >= len(video):
         raise ValueError(f"too short: {len(video)} frames at {src_fps:g} fps, need "
-                         f"{frames} frames at {fps} fps")
+                         f"{frames} frames at {fps} fps from {start:g} s")
     clip = np.stack([resize_crop(video[i], size) for i in index])  # (T, H, W, 3)
     return np.ascontiguousarray(clip.transpose(3, 0, 1, 2))
 
 
-def _load_job(job: tuple[str, int, int, int]) -> tuple[np.ndarray | None, str]:
-    path, frames, fps, size = job
+def _load_job(job: tuple[str, int, int, int, float]) -> tuple[np.ndarray | None, str]:
+    path, frames, fps, size, start = job
     try:
-        return load_clip(Path(path), frames, fps, size), ""
+        return load_clip(Path(path), frames, fps, size, start), ""
     except ValueError as exc:
         return None, str(exc)
 
@@ -141,7 +161,7 @@ def assign_splits(records: list[dict], val_fraction: float, seed: int) -> dict[s
     return {r["id"]: "val" if r["id"] in val else r["split"] for r in records}
 
 
-def _decode_all(jobs: list[tuple[str, int, int, int]], workers: int) -> list[tuple[np.ndarray | None, str]]:
+def _decode_all(jobs: list[tuple[str, int, int, int, float]], workers: int) -> list[tuple[np.ndarray | None, str]]:
     if workers <= 1:
         return [_load_job(j) for j in jobs]
     # spawn, not fork: the calling process may hold threads (MLflow, torch) that fork would copy.
@@ -199,7 +219,8 @@ def prepare_shard(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int, inde
     every = read_metadata(raw_dir)
     splits = assign_splits(every, cfg.val_fraction, seed)  # over all videos: a shard never moves a split
     records = every[start:stop]
-    jobs = [(str(Path(raw_dir) / r["file"]), cfg.frames, cfg.fps, cfg.size) for r in records]
+    jobs = [(str(Path(raw_dir) / r["file"]), cfg.frames, cfg.fps, cfg.size,
+             window_start(r, cfg.frames, cfg.fps, seed)) for r in records]
     rows, clips, quarantine = [], [], []
     for rec, (clip, reason) in zip(records, _decode_all(jobs, workers)):
         if clip is None:
@@ -213,6 +234,10 @@ def prepare_shard(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int, inde
             "caption": rec["caption"] if visible else "", "caption_visible": visible,
             **{k: rec[k] for k in ("color", "shape", "motion", "speed", "size", "background")},
             **clip_stats(clip),
+            "objects": int(rec.get("objects", 1)),
+            **{k: rec.get(k, "") for k in world.SECOND_KEYS},
+            "duration": float(rec.get("duration", int(rec["frames"]) / float(rec["fps"]))),
+            "aspect": rec.get("aspect") or aspect_of(int(rec["height"]), int(rec["width"])),
         })
         clips.append(clip)
     name = f"shard-{index:05d}.pt"

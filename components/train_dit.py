@@ -1,4 +1,8 @@
-"""The train_dit stage: rectified flow on encoded train-split latents, EMA weights to `dit.pt`."""
+"""The train_dit stage: rectified flow on encoded train-split latents, EMA weights to `dit.pt`.
+
+Latents of several shapes (native sizes: `components/buckets.py`) train one model, each batch
+drawn from one shape with probability proportional to its clip count.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 import torch
 
 from components import distributed, schedule
+from components.buckets import BucketSampler, group_by_shape
 from components.checkpoint import save_model
 from components.config import Config
 from components.dit import DiT, DiTSpec, dit_config_dict
@@ -47,6 +52,17 @@ def val_loss(model: DiT, x0: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor
     return total / max(n, 1)
 
 
+def split_buckets(latents: torch.Tensor | list[torch.Tensor], idx: torch.Tensor
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The clips `idx` as (latents (n, c, t, h, w), their clip indices (n,)) per shape, largest
+    bucket first. `latents` is one (N, c, t, h, w) tensor (one shape) or N (c, t, h, w) tensors."""
+    if torch.is_tensor(latents):
+        return [(latents[idx].float(), idx)]
+    groups = group_by_shape([tuple(latents[int(i)].shape) for i in idx])
+    out = [(torch.stack([latents[int(idx[j])] for j in js]).float(), idx[js]) for js in groups.values()]
+    return sorted(out, key=lambda xb: -len(xb[1]))
+
+
 def run_train_dit(encoded_dir: Path, model_dir: Path, cfg: Config, log: LogFn | None = None,
                   ckpt_dir: Path | None = None, device: torch.device | str = "cpu") -> dict:
     t0 = time.time()
@@ -56,7 +72,6 @@ def run_train_dit(encoded_dir: Path, model_dir: Path, cfg: Config, log: LogFn | 
     val_idx = torch.tensor([i for i, s in enumerate(splits) if s == "val"], dtype=torch.long)
     if len(train_idx) == 0:
         raise ValueError(f"{encoded_dir}/latents.pt holds no train latents")
-    latents = lat["latents"].float()  # (N, c, t, h, w)
     cap_idx = lat["caption_index"]
     # Padding is masked, so cutting the token axis to the longest caption changes nothing but cost.
     used = max(2, int(text["mask"].sum(1).max()))
@@ -64,30 +79,40 @@ def run_train_dit(encoded_dir: Path, model_dir: Path, cfg: Config, log: LogFn | 
     masks = text["mask"][:, :used].to(device)  # (U, L')
     null_ctx, null_mask = tokens[:1], masks[:1]
 
+    # Native sizes: one batch stacks clips of one shape; a bucket's chance is its share of clips.
+    buckets = [(x.to(device), cap_idx[ids].to(device)) for x, ids in split_buckets(lat["latents"], train_idx)]
+    sampler = BucketSampler([len(x) for x, _ in buckets])
+    latent_shape = list(buckets[0][0].shape[1:])  # (c, t, h, w) of the largest bucket
+
     dcfg = cfg.dit
-    spec = DiTSpec.from_config(dcfg, latent_channels=latents.shape[1])
+    spec = DiTSpec.from_config(dcfg, latent_channels=latent_shape[0])
     torch.manual_seed(cfg.seed)
     model = DiT(spec).to(device)
-    train_x = latents[train_idx].to(device)
-    train_c = cap_idx[train_idx].to(device)
-    shift = schedule.token_shift(model.num_tokens(*latents.shape[2:]), dcfg.shift, dcfg.shift_tokens)
+    n_tokens = [model.num_tokens(*x.shape[2:]) for x, _ in buckets]
+    shifts = [schedule.token_shift(n, dcfg.shift, dcfg.shift_tokens) for n in n_tokens]
+    shift = shifts[0]
 
     def batch_fn(step: int, gen: torch.Generator):
-        i = torch.randint(len(train_idx), (dcfg.batch_size,), generator=gen).to(device)
-        c = train_c[i]
-        return train_x[i], tokens[c], masks[c], gen
+        b, i = sampler.draw(dcfg.batch_size, gen)
+        x, caps = buckets[b]
+        i = i.to(device)
+        c = caps[i]
+        return x[i], tokens[c], masks[c], gen, shifts[b]
 
     def loss_fn(m, batch):
-        x0, ctx, mask, gen = batch
-        return rf_loss(m, x0, ctx, mask, gen, null_ctx, null_mask, dcfg.cond_dropout, shift)
+        x0, ctx, mask, gen, bucket_shift = batch
+        return rf_loss(m, x0, ctx, mask, gen, null_ctx, null_mask, dcfg.cond_dropout, bucket_shift)
 
     tspec = TrainSpec(steps=dcfg.steps, lr=dcfg.lr, warmup=dcfg.warmup, grad_clip=dcfg.grad_clip,
                       ema=dcfg.ema, seed=cfg.seed)
     extra = {"config": dit_config_dict(spec, dcfg), "n_train": len(train_idx)}
+    if len(buckets) > 1:
+        extra["buckets"] = [list(x.shape[1:]) for x, _ in buckets]
+    mean_tokens = sum(n * len(x) for n, (x, _) in zip(n_tokens, buckets)) / len(train_idx)
     # Under torchrun batch_fn draws the global batch and each rank trains on its share of it.
     res = fit(model, loss_fn, batch_fn, tspec, ckpt_dir=ckpt_dir, fingerprint_extra=extra, log=log,
               desc="dit", samples_per_batch=dcfg.batch_size,
-              tokens_per_batch=dcfg.batch_size * model.num_tokens(*latents.shape[2:]))
+              tokens_per_batch=round(dcfg.batch_size * mean_tokens))
     ema = res.ema if res.ema is not None else res.model
 
     metrics = {
@@ -97,6 +122,7 @@ def run_train_dit(encoded_dir: Path, model_dir: Path, cfg: Config, log: LogFn | 
         "steps_per_s": (res.steps - res.resumed_from) / max(res.seconds, 1e-9),
         "shift": shift,
         "train_clips": len(train_idx),
+        "buckets": len(buckets),
     }
     if res.flops_per_step:
         metrics["flops_per_step"] = float(res.flops_per_step)
@@ -106,11 +132,15 @@ def run_train_dit(encoded_dir: Path, model_dir: Path, cfg: Config, log: LogFn | 
         return metrics
     if len(val_idx):
         vi = val_idx[:VAL_CLIPS]
-        c = cap_idx[vi].to(device)
-        metrics["val_loss"] = val_loss(ema, latents[vi].to(device), tokens[c], masks[c], cfg.seed)
+        total = 0.0
+        for x, ids in split_buckets(lat["latents"], vi):
+            c = cap_idx[ids].to(device)
+            total += val_loss(ema, x.to(device), tokens[c], masks[c], cfg.seed) * len(ids)
+        metrics["val_loss"] = total / len(vi)
         metrics["val_clips"] = len(vi)
     state = {k: v.cpu() for k, v in ema.state_dict().items()}
     save_model(Path(model_dir) / "dit.pt", "dit", dit_config_dict(spec, dcfg), state,
-               shift=shift, latent_shape=list(latents.shape[1:]))
+               shift=shift, latent_shape=latent_shape,
+               buckets=[list(x.shape[1:]) for x, _ in buckets])
     metrics["seconds"] = time.time() - t0
     return metrics

@@ -53,13 +53,40 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 # The attributes that evaluation grades generated videos on.
 GRADED: tuple[str, ...] = ("color", "shape", "motion")
+# What each object of a clip has on its own; the background is shared. A clip's second object
+# is stored under these names plus SECOND_SUFFIX (`color2`, `shape2`, ...).
+OBJECT_ATTRIBUTES: tuple[str, ...] = ("color", "shape", "motion", "speed", "size")
+SECOND_SUFFIX = "2"
+SECOND_KEYS: tuple[str, ...] = tuple(a + SECOND_SUFFIX for a in OBJECT_ATTRIBUTES)
+# Two objects always differ in colour, and the caption names the one whose colour comes first in
+# COLORS first: a rule a captioner can see, so "the first object" is defined by the video.
 
 
-def caption(attrs: dict[str, str]) -> str:
-    """The canonical long caption, e.g. 'a small red circle moving left slowly on a black background'."""
+def second_object(attrs: dict) -> dict[str, str] | None:
+    """The second object's attributes of a (metadata or manifest) record; None for one object."""
+    if not attrs.get("color" + SECOND_SUFFIX):
+        return None
+    return {a: attrs[a + SECOND_SUFFIX] for a in OBJECT_ATTRIBUTES}
+
+
+def _object_words(attrs: dict[str, str]) -> list[str]:
     words = ["a", attrs["size"], attrs["color"], attrs["shape"], MOTION_PHRASES[attrs["motion"]]]
     if attrs["motion"] != "still":
         words.append(SPEED_WORDS[attrs["speed"]])
+    return words
+
+
+def caption(attrs: dict[str, str]) -> str:
+    """The canonical long caption, e.g. 'a small red circle moving left slowly on a black background'.
+
+    With a second object (`color2`, `shape2`, ... set) both are named, first object first:
+    'a small red circle moving left slowly and a large blue square staying still on a black
+    background'.
+    """
+    words = _object_words(attrs)
+    second = second_object(attrs)
+    if second is not None:
+        words += ["and", *_object_words(second)]
     words += ["on", "a", attrs["background"], "background"]
     return " ".join(words)
 
@@ -68,8 +95,34 @@ _WORD = re.compile(r"[a-z]+")
 
 
 def parse_caption(text: str) -> dict[str, str | None]:
-    """Attributes named in a caption written in the canonical style; None where absent."""
+    """Attributes named in a caption written in the canonical style; None where absent.
+
+    A caption naming two objects ('... and a ...') gives the first object's attributes (and the
+    shared background); `parse_objects` reads both.
+    """
+    return parse_objects(text)[0]
+
+
+def parse_objects(text: str) -> list[dict[str, str | None]]:
+    """Per object named in a canonical caption (split at 'and'), its attributes plus the shared
+    background; always at least one dict (all None for an empty caption)."""
     words = _WORD.findall(text.lower())
+    bg = None
+    for i, w in enumerate(words):
+        if w == "background" and i > 0 and words[i - 1] in BACKGROUNDS:
+            bg = words[i - 1]
+    parts: list[list[str]] = [[]]
+    for w in words:
+        if w == "and" and parts[-1]:
+            parts.append([])
+        else:
+            parts[-1].append(w)
+    if len(parts) > 1 and not parts[-1]:
+        parts.pop()
+    return [{**_parse_object(p), "background": bg} for p in parts]
+
+
+def _parse_object(words: list[str]) -> dict[str, str | None]:
     ws = set(words)
     found: dict[str, str | None] = {}
     found["color"] = next((c for c in COLORS if c in ws), None)
@@ -85,11 +138,6 @@ def parse_caption(text: str) -> dict[str, str | None]:
     speed_of = {w: s for s, w in SPEED_WORDS.items()}
     found["speed"] = next((speed_of[w] for w in words if w in speed_of), None)
     found["size"] = next((s for s in SIZES if s in ws), None)
-    bg = None
-    for i, w in enumerate(words):
-        if w == "background" and i > 0 and words[i - 1] in BACKGROUNDS:
-            bg = words[i - 1]
-    found["background"] = bg
     return found
 
 

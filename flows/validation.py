@@ -33,7 +33,8 @@ def build_suite(cfg: DataConfig) -> Any:
     from great_expectations.expectations.row_conditions import Column
 
     visible, hidden = Column("caption_visible") == True, Column("caption_visible") == False  # noqa: E712
-    longest = max(len(w) for w in world.ATTRIBUTES["motion"]) * 12  # far above any real caption
+    # Far above any real caption (two objects' included).
+    longest = max(len(w) for w in world.ATTRIBUTES["motion"]) * 24
     expectations = [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         gxe.ExpectColumnValuesToNotBeNull(column="clip_id"),
@@ -54,6 +55,10 @@ def build_suite(cfg: DataConfig) -> Any:
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val"], row_condition=visible),
         *(gxe.ExpectColumnValuesToBeInSet(column=name, value_set=list(values))
           for name, values in world.ATTRIBUTES.items()),
+        # The second object's columns (empty on one-object clips and on your own videos).
+        gxe.ExpectColumnValuesToBeInSet(column="objects", value_set=[1, 2]),
+        *(gxe.ExpectColumnValuesToBeInSet(column=name + world.SECOND_SUFFIX, value_set=list(world.ATTRIBUTES[name]))
+          for name in world.OBJECT_ATTRIBUTES),
         gxe.ExpectColumnValuesToBeBetween(column="mean", min_value=0.0, max_value=1.0),
         gxe.ExpectColumnValuesToBeBetween(column="std", min_value=0.0, max_value=0.5),
         gxe.ExpectColumnValuesToBeBetween(column="motion_score", min_value=0.0, max_value=0.5),

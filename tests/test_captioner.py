@@ -85,3 +85,17 @@ def test_caption_stage_captions_every_clip(tmp_path):
         assert 0.0 <= metrics[key] <= 1.0, key
     model = load_captioner(tmp_path / "model" / "captioner.pt")
     assert len(model.generate(torch.zeros(2, 3, 9, 16, 16, dtype=torch.uint8))) == 2
+
+
+def test_evaluate_scores_the_first_object_and_reports_the_second():
+    from components.captioner import evaluate
+
+    row = {"color": "red", "shape": "circle", "motion": "left", "speed": "slow", "size": "small",
+           "background": "grey", "objects": 2, "color2": "blue", "shape2": "square",
+           "motion2": "still", "speed2": "fast", "size2": "large"}
+    right = world.caption(row)
+    wrong_second = right.replace("blue square", "white triangle")
+    scores = evaluate([right, wrong_second], [row, row])
+    assert scores["acc_color"] == scores["acc_shape"] == scores["acc_motion"] == 1.0
+    assert scores["objects2_count"] == 1.0 and scores["objects2_color"] == 0.5
+    assert scores["objects2_shape"] == 0.5 and scores["objects2_motion"] == 1.0

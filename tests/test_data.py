@@ -18,7 +18,8 @@ from components.video_io import write_video
 
 SEED = 3
 CFG = DataConfig(num_videos=50, raw_size=32, size=16, frames=9, fps=8, caption_fraction=0.3,
-                 heldout_fraction=0.15, val_fraction=0.1, shard_size=16, workers=1)
+                 heldout_fraction=0.15, val_fraction=0.1, shard_size=16, workers=1,
+                 two_object_fraction=0.3, min_duration=1.0, max_duration=2.5)
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +53,37 @@ def test_synth_metadata_contract(raw):
     records = _metadata(raw)
     held = world.heldout_triples(CFG.heldout_fraction, SEED)
     assert len(records) == CFG.num_videos
+    colours = list(world.COLORS)
     for r in records:
         assert set(r) == {"id", "file", "color", "shape", "motion", "speed", "size", "background",
-                          "caption", "split", "caption_visible", "fps", "frames", "width", "height"}
+                          "caption", "split", "caption_visible", "fps", "frames", "width", "height",
+                          "objects", *world.SECOND_KEYS, "duration", "aspect"}
         assert (raw / r["file"]).stat().st_size > 0
         assert r["caption"] == world.caption(r)
         assert all(r[a] in values for a, values in world.ATTRIBUTES.items())
         triple = (r["color"], r["shape"], r["motion"])
         assert r["split"] == ("heldout" if triple in held else "train")
         assert not (r["caption_visible"] and r["split"] == "heldout")
+        objects = world.parse_objects(r["caption"])
+        assert len(objects) == r["objects"]
+        assert world.parse_caption(r["caption"]) == {a: r[a] for a in world.ATTRIBUTES} | (
+            {"speed": None} if r["motion"] == "still" else {})
+        if r["objects"] == 2:
+            second = world.second_object(r)
+            assert (second["color"], second["shape"], second["motion"]) not in held  # never trained
+            assert colours.index(second["color"]) > colours.index(r["color"])  # caption order rule
+            assert {a: objects[1][a] for a in ("color", "shape", "motion", "size")} == {
+                a: second[a] for a in ("color", "shape", "motion", "size")}
+        else:
+            assert all(r[k] == "" for k in world.SECOND_KEYS)
+        # Every video holds a clip; a moving object's video ends before it could leave the frame.
+        assert CFG.frames <= r["frames"] <= round(CFG.max_duration * CFG.fps)
+        assert r["duration"] == pytest.approx(r["frames"] / r["fps"])
+        for obj in (r, world.second_object(r) or r):
+            if obj["motion"] != "still":
+                assert r["frames"] <= 1 + (CFG.frames - 1) / world.SPEEDS[obj["speed"]]
+    assert sum(r["objects"] == 2 for r in records) == round(CFG.two_object_fraction * len(records))
+    assert len({r["frames"] for r in records}) > 3  # durations vary
     train = [r for r in records if r["split"] == "train"]
     assert sum(r["caption_visible"] for r in train) == round(CFG.caption_fraction * len(train))
     for name, values in world.ATTRIBUTES.items():  # balanced: counts differ by at most one
@@ -81,9 +104,10 @@ def test_prepare_writes_shards_and_manifest(raw, clips):
         assert row["split"] == rec["split"] or (rec["split"], row["split"]) == ("train", "val")
         assert row["caption"] == (rec["caption"] if rec["caption_visible"] else "")
         assert 0 <= row["mean"] <= 1 and row["std"] > 0
-    moving = [r["motion_score"] for r in data.rows if r["motion"] != "still"]
-    still = [r["motion_score"] for r in data.rows if r["motion"] == "still"]
-    assert min(moving) > max(still)  # the object's motion, not compression noise
+        assert (row["objects"], row["color2"], row["duration"]) == (rec["objects"], rec["color2"], rec["duration"])
+    moving = [r["motion_score"] for r in data.rows if r["motion"] != "still" or r["motion2"] not in ("", "still")]
+    still = [r["motion_score"] for r in data.rows if r["motion"] == "still" and r["motion2"] in ("", "still")]
+    assert min(moving) > max(still)  # the objects' motion, not compression noise
     assert len(data.indices("val")) == round(CFG.val_fraction * sum(r["split"] == "train" for r in meta.values()))
 
 
@@ -154,3 +178,40 @@ def test_great_expectations_suite_passes_and_names_planted_faults(clips, tmp_pat
     assert "expect_column_values_to_not_be_null on caption where caption_visible == True" in message
     assert "expect_column_values_to_be_in_set on frames" in message and f"[{CFG.frames - 4}]" in message
     assert "failed 2 of" in message
+
+
+def test_two_object_captions_parse_back_to_each_object():
+    first = {"size": "small", "color": "red", "shape": "circle", "motion": "left", "speed": "slow",
+             "background": "black"}
+    assert world.caption(first) == "a small red circle moving left slowly on a black background"
+    both = {**first, "color2": "blue", "shape2": "square", "motion2": "still", "speed2": "fast",
+            "size2": "large"}
+    text = world.caption(both)
+    assert text == ("a small red circle moving left slowly and a large blue square staying still "
+                    "on a black background")
+    assert world.parse_caption(text) == first  # the first object, as every caller expects
+    assert world.parse_objects(text)[1] == {"color": "blue", "shape": "square", "motion": "still",
+                                            "speed": None, "size": "large", "background": "black"}
+    assert len(world.parse_objects(world.caption(first))) == 1
+
+
+def test_prepare_cuts_a_window_anywhere_in_a_longer_video(tmp_path):
+    frames = np.zeros((33, 32, 32, 3), np.uint8)
+    frames[:] = (np.arange(33) * 7)[:, None, None, None]  # brightness = 7 * index
+    write_video(tmp_path / "videos" / "x.mp4", frames, fps=8)
+    base = {"file": "videos/x.mp4", "color": "red", "shape": "circle", "motion": "still",
+            "speed": "slow", "size": "small", "background": "black", "caption": "c", "split": "train",
+            "caption_visible": False, "fps": 8, "frames": 33, "width": 32, "height": 32}
+    (tmp_path / "metadata.jsonl").write_text(
+        "".join(json.dumps({**base, "id": f"x{i}"}) + "\n" for i in range(8)))
+    prepare(tmp_path, tmp_path / "clips", DataConfig(**{**CFG.__dict__, "val_fraction": 0.0}), SEED)
+    data = load_clips(tmp_path / "clips")
+    starts = []
+    for clip in data.video.float():  # (3, 9, 16, 16) each
+        levels = (clip.mean((0, 2, 3)) / 7).numpy()  # source frame index of each kept frame
+        start = round(float(levels[0]))
+        assert np.allclose(levels, start + np.arange(CFG.frames), atol=0.6)  # consecutive frames
+        assert 0 <= start <= 33 - CFG.frames
+        starts.append(start)
+    assert len(set(starts)) > 1  # windows drawn per video, not always the first frames
+    assert {r["duration"] for r in data.rows} == {33 / 8} and {r["objects"] for r in data.rows} == {1}
