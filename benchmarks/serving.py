@@ -7,7 +7,11 @@
 Measures, for one model:
 1. generation latency p50/p95 of one video, ONNX Runtime (`OnnxT2V`, CUDA provider where a GPU
    exists) against eager PyTorch (`T2VPipeline`, on CUDA where a GPU exists), same prompt, seed
-   and sampling settings;
+   and sampling settings. ONNX Runtime runs the serving bundle as the service does: the split
+   DiT (`dit_condition.onnx` once, `dit_step.onnx` per step) where the bundle has it, and is
+   also timed with the single `dit.onnx` graph for reference. PyTorch runs the model as a user
+   would, `T2VPipeline.generate` (DiT.forward every step). Runs are interleaved (one of each
+   backend in turn), so drifting load on a shared machine hits every backend alike;
 2. service throughput (videos/s) with 1 client against 8 concurrent clients, through a real
    `bentoml serve` (adaptive batching shares the DiT loop between concurrent requests);
 3. the service's peak RSS (the server process tree, sampled every 50 ms during the load);
@@ -46,13 +50,20 @@ def percentiles(seconds: list[float]) -> dict:
 
 
 def timed(fn, runs: int, warmup: int = 1) -> list[float]:
+    return interleaved({"fn": fn}, runs, warmup)["fn"]
+
+
+def interleaved(fns: dict, runs: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, called in turn `runs` times after `warmup` rounds."""
     for _ in range(warmup):
-        fn()
-    out = []
+        for fn in fns.values():
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t0)
     return out
 
 
@@ -80,10 +91,17 @@ def latency(bundle: Path, vae: Path, dit: Path, max_tokens: int, runs: int, step
         if device == "cuda":
             torch.cuda.synchronize()
 
-    ort_s = timed(lambda: runtime.generate(PROMPT, seed=0, steps=steps), runs)
-    torch_s = timed(run_torch, runs)
-    out = {"onnxruntime": {**percentiles(ort_s), "provider": runtime.provider, "precision": runtime.precision},
-           "pytorch": {**percentiles(torch_s), "device": device}, "steps": steps, "threads": threads}
+    fns = {"onnxruntime": lambda: runtime.generate(PROMPT, seed=0, steps=steps), "pytorch": run_torch}
+    single = None
+    if runtime.split_dit:
+        single = OnnxT2V(bundle, threads=threads, split_dit=False, precision=runtime.precision)
+        fns["single_graph"] = lambda: single.generate(PROMPT, seed=0, steps=steps)
+    seconds = interleaved(fns, runs)
+    out = {"onnxruntime": {**percentiles(seconds["onnxruntime"]), "provider": runtime.provider,
+                           "precision": runtime.precision, "dit_graphs": runtime.describe()["dit_graphs"]},
+           "pytorch": {**percentiles(seconds["pytorch"]), "device": device}, "steps": steps, "threads": threads}
+    if single is not None:
+        out["onnxruntime_single_graph"] = {**percentiles(seconds["single_graph"]), "dit_graphs": "dit"}
     if runtime.provider == "CUDAExecutionProvider" and runtime.precision == "fp16":
         fp32 = OnnxT2V(bundle, precision="fp32", threads=threads)
         out["onnxruntime_fp32"] = {**percentiles(timed(lambda: fp32.generate(PROMPT, seed=0, steps=steps), runs)),
@@ -226,9 +244,15 @@ def table(r: dict) -> str:
     rows = [
         ("machine", r["machine"]),
         ("model", r["model"]),
-        (f"latency p50 / p95, ONNX Runtime ({lat['onnxruntime']['provider']}, {lat['onnxruntime']['precision']})",
+        ("load average (1 min) at start / end", r["load"]),
+        (f"latency p50 / p95, ONNX Runtime ({lat['onnxruntime']['provider']}, {lat['onnxruntime']['precision']}, "
+         f"{lat['onnxruntime']['dit_graphs']})",
          f"{lat['onnxruntime']['p50_s']:.3f} s / {lat['onnxruntime']['p95_s']:.3f} s"),
     ]
+    if "onnxruntime_single_graph" in lat:
+        rows.append(("latency p50 / p95, ONNX Runtime, single dit.onnx every step (reference)",
+                     f"{lat['onnxruntime_single_graph']['p50_s']:.3f} s / "
+                     f"{lat['onnxruntime_single_graph']['p95_s']:.3f} s"))
     if "onnxruntime_fp32" in lat:
         rows.append(("latency p50 / p95, ONNX Runtime (CUDA, fp32)",
                      f"{lat['onnxruntime_fp32']['p50_s']:.3f} s / {lat['onnxruntime_fp32']['p95_s']:.3f} s"))
@@ -281,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
             bundle, vae, dit, model = args.bundle, args.vae, args.dit, f"trained ({args.bundle})"
             max_tokens = json.loads((bundle / "bundle.json").read_text())["max_tokens"]
+        load_start = os.getloadavg()[0]
         report = {
             "machine": f"{platform.node()}, {os.cpu_count()} CPUs",
             "model": model,
@@ -288,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             "service": serve_figures(bundle, tmp, args.throughput_requests, args.requests, args.concurrency,
                                      args.steps),
         }
+        report["load"] = f"{load_start:.2f} / {os.getloadavg()[0]:.2f}"
     try:
         import torch
 
