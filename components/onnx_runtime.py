@@ -277,6 +277,9 @@ class OnnxT2V:
         pad_id = self._tokenizer.token_to_id("[PAD]")
         self._tokenizer.enable_padding(length=self.info.max_tokens, pad_id=0 if pad_id is None else pad_id)
         self._tokenizer.enable_truncation(self.info.max_tokens)
+        # The empty caption (the unconditional branch of nearly every request) is encoded once,
+        # as T2VPipeline does with its null_ctx.
+        self._empty = self.encode_text([""])  # (1, L, 384), (1, L)
         self._mean = np.asarray(self.info.latent_mean, np.float32).reshape(1, -1, 1, 1, 1)
         self._std = np.asarray(self.info.latent_std, np.float32).reshape(1, -1, 1, 1, 1)
 
@@ -415,9 +418,10 @@ class OnnxT2V:
         shape = self.info.latent_shape(num_frames)
         # Each video's noise is drawn alone so a batch reproduces the single-prompt videos.
         x = np.concatenate([schedule.initial_noise(int(s), (1, *shape)) for s in seeds])  # (B, c, t, h, w)
-        uncond = list(dict.fromkeys(negative_prompts))  # each distinct negative encoded once
-        tokens, mask = self.encode_text([*prompts, *uncond])
-        row = {text: b + i for i, text in enumerate(uncond)}
+        fresh = [n for n in dict.fromkeys(negative_prompts) if n != ""]  # each distinct one encoded once
+        tokens, mask = self.encode_text([*prompts, *fresh])
+        tokens, mask = np.concatenate([tokens, self._empty[0]]), np.concatenate([mask, self._empty[1]])
+        row = {text: b + i for i, text in enumerate([*fresh, ""])}
         pick = [row[n] for n in negative_prompts]
         cond_only = bool(np.all(g == 1.0))  # guidance 1 is the conditional branch alone
         ts = schedule.timesteps(steps, self.info.shift_for(num_frames))
