@@ -315,7 +315,7 @@ class OnnxT2V:
 
     def _dit_runner(self, x: np.ndarray, ts: np.ndarray, ctx: np.ndarray, mask: np.ndarray):
         """-> run(x, k) -> v (N, c, t, h, w) at time ts[k], for a fixed text context ctx (N, L, 384)
-        / mask (N, L); x (N, ...) gives the latent shape.
+        / mask (N, L); x (B, c, t, h, w) gives the latent shape (its values are not read).
 
         Split DiT: `dit_condition.onnx` runs here, once, for every step's conditioning; each
         call then runs `dit_step.onnx` on x and step k's row of it. Otherwise `dit.onnx` per
