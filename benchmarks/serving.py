@@ -44,27 +44,32 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "a large red circle moving left quickly on a black background"
 
 
-def percentiles(seconds: list[float]) -> dict:
+def percentiles(seconds: list[float], cpu: list[float] | None = None) -> dict:
     a = np.asarray(seconds)
-    return {"p50_s": float(np.percentile(a, 50)), "p95_s": float(np.percentile(a, 95)), "n": len(a)}
+    out = {"p50_s": float(np.percentile(a, 50)), "p95_s": float(np.percentile(a, 95)), "n": len(a)}
+    if cpu is not None:  # CPU seconds of this process: what a call costs, whatever else runs
+        out["cpu_p50_s"] = float(np.percentile(np.asarray(cpu), 50))
+    return out
 
 
 def timed(fn, runs: int, warmup: int = 1) -> list[float]:
-    return interleaved({"fn": fn}, runs, warmup)["fn"]
+    return interleaved({"fn": fn}, runs, warmup)[0]["fn"]
 
 
-def interleaved(fns: dict, runs: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, called in turn `runs` times after `warmup` rounds."""
+def interleaved(fns: dict, runs: int, warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds per call of each function, called in turn `runs` times after `warmup` rounds."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    out: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            out[name].append(time.perf_counter() - t0)
-    return out
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,12 +101,17 @@ def latency(bundle: Path, vae: Path, dit: Path, max_tokens: int, runs: int, step
     if runtime.split_dit:
         single = OnnxT2V(bundle, threads=threads, split_dit=False, precision=runtime.precision)
         fns["single_graph"] = lambda: single.generate(PROMPT, seed=0, steps=steps)
-    seconds = interleaved(fns, runs)
-    out = {"onnxruntime": {**percentiles(seconds["onnxruntime"]), "provider": runtime.provider,
+    batch = 8  # what one batched loop of the service costs per video, against one video alone
+    fns[f"batch_{batch}"] = lambda: runtime.generate_batch([PROMPT] * batch, list(range(batch)), steps=steps)
+    seconds, cpu = interleaved(fns, runs)
+    out = {"onnxruntime": {**percentiles(seconds["onnxruntime"], cpu["onnxruntime"]), "provider": runtime.provider,
                            "precision": runtime.precision, "dit_graphs": runtime.describe()["dit_graphs"]},
-           "pytorch": {**percentiles(seconds["pytorch"]), "device": device}, "steps": steps, "threads": threads}
+           "pytorch": {**percentiles(seconds["pytorch"], cpu["pytorch"]), "device": device}, "steps": steps,
+           "threads": threads,
+           "onnxruntime_batch": {**percentiles(seconds[f"batch_{batch}"], cpu[f"batch_{batch}"]), "batch": batch}}
     if single is not None:
-        out["onnxruntime_single_graph"] = {**percentiles(seconds["single_graph"]), "dit_graphs": "dit"}
+        out["onnxruntime_single_graph"] = {**percentiles(seconds["single_graph"], cpu["single_graph"]),
+                                           "dit_graphs": "dit"}
     if runtime.provider == "CUDAExecutionProvider" and runtime.precision == "fp16":
         fp32 = OnnxT2V(bundle, precision="fp32", threads=threads)
         out["onnxruntime_fp32"] = {**percentiles(timed(lambda: fp32.generate(PROMPT, seed=0, steps=steps), runs)),
@@ -261,6 +271,12 @@ def table(r: dict) -> str:
          f"{lat['pytorch']['p50_s']:.3f} s / {lat['pytorch']['p95_s']:.3f} s"),
         ("ONNX Runtime speed-up (p50)", f"{lat['speedup_p50']:.2f}x ({lat['onnxruntime']['n']} runs, "
                                         f"{lat['steps']} steps, {lat['threads']} CPU threads each)"),
+        ("CPU time per generation p50 (this process), ONNX Runtime / eager PyTorch",
+         f"{lat['onnxruntime']['cpu_p50_s']:.3f} s / {lat['pytorch']['cpu_p50_s']:.3f} s "
+         f"({lat['pytorch']['cpu_p50_s'] / lat['onnxruntime']['cpu_p50_s']:.2f}x)"),
+        (f"ONNX Runtime, one batch of {lat['onnxruntime_batch']['batch']} videos: wall / CPU per video",
+         f"{lat['onnxruntime_batch']['p50_s'] / lat['onnxruntime_batch']['batch']:.3f} s / "
+         f"{lat['onnxruntime_batch']['cpu_p50_s'] / lat['onnxruntime_batch']['batch']:.3f} s"),
         ("service throughput, 1 client", f"{srv['one_client']['videos_per_s']:.2f} videos/s"),
         (f"service throughput, {srv['concurrent']['concurrency']} clients (adaptive batching)",
          f"{srv['concurrent']['videos_per_s']:.2f} videos/s"),
