@@ -7,7 +7,11 @@
 Measures, for one model:
 1. generation latency p50/p95 of one video, ONNX Runtime (`OnnxT2V`, CUDA provider where a GPU
    exists) against eager PyTorch (`T2VPipeline`, on CUDA where a GPU exists), same prompt, seed
-   and sampling settings;
+   and sampling settings. ONNX Runtime runs the serving bundle as the service does: the split
+   DiT (`dit_condition.onnx` once, `dit_step.onnx` per step) where the bundle has it, and is
+   also timed with the single `dit.onnx` graph for reference. PyTorch runs the model as a user
+   would, `T2VPipeline.generate` (DiT.forward every step). Runs are interleaved (one of each
+   backend in turn), so drifting load on a shared machine hits every backend alike;
 2. service throughput (videos/s) with 1 client against 8 concurrent clients, through a real
    `bentoml serve` (adaptive batching shares the DiT loop between concurrent requests);
 3. the service's peak RSS (the server process tree, sampled every 50 ms during the load);
@@ -40,20 +44,32 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "a large red circle moving left quickly on a black background"
 
 
-def percentiles(seconds: list[float]) -> dict:
+def percentiles(seconds: list[float], cpu: list[float] | None = None) -> dict:
     a = np.asarray(seconds)
-    return {"p50_s": float(np.percentile(a, 50)), "p95_s": float(np.percentile(a, 95)), "n": len(a)}
+    out = {"p50_s": float(np.percentile(a, 50)), "p95_s": float(np.percentile(a, 95)), "n": len(a)}
+    if cpu is not None:  # CPU seconds of this process: what a call costs, whatever else runs
+        out["cpu_p50_s"] = float(np.percentile(np.asarray(cpu), 50))
+    return out
 
 
 def timed(fn, runs: int, warmup: int = 1) -> list[float]:
+    return interleaved({"fn": fn}, runs, warmup)[0]["fn"]
+
+
+def interleaved(fns: dict, runs: int, warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds per call of each function, called in turn `runs` times after `warmup` rounds."""
     for _ in range(warmup):
-        fn()
-    out = []
+        for fn in fns.values():
+            fn()
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,10 +96,22 @@ def latency(bundle: Path, vae: Path, dit: Path, max_tokens: int, runs: int, step
         if device == "cuda":
             torch.cuda.synchronize()
 
-    ort_s = timed(lambda: runtime.generate(PROMPT, seed=0, steps=steps), runs)
-    torch_s = timed(run_torch, runs)
-    out = {"onnxruntime": {**percentiles(ort_s), "provider": runtime.provider, "precision": runtime.precision},
-           "pytorch": {**percentiles(torch_s), "device": device}, "steps": steps, "threads": threads}
+    fns = {"onnxruntime": lambda: runtime.generate(PROMPT, seed=0, steps=steps), "pytorch": run_torch}
+    single = None
+    if runtime.split_dit:
+        single = OnnxT2V(bundle, threads=threads, split_dit=False, precision=runtime.precision)
+        fns["single_graph"] = lambda: single.generate(PROMPT, seed=0, steps=steps)
+    batch = 8  # what one batched loop of the service costs per video, against one video alone
+    fns[f"batch_{batch}"] = lambda: runtime.generate_batch([PROMPT] * batch, list(range(batch)), steps=steps)
+    seconds, cpu = interleaved(fns, runs)
+    out = {"onnxruntime": {**percentiles(seconds["onnxruntime"], cpu["onnxruntime"]), "provider": runtime.provider,
+                           "precision": runtime.precision, "dit_graphs": runtime.describe()["dit_graphs"]},
+           "pytorch": {**percentiles(seconds["pytorch"], cpu["pytorch"]), "device": device}, "steps": steps,
+           "threads": threads,
+           "onnxruntime_batch": {**percentiles(seconds[f"batch_{batch}"], cpu[f"batch_{batch}"]), "batch": batch}}
+    if single is not None:
+        out["onnxruntime_single_graph"] = {**percentiles(seconds["single_graph"], cpu["single_graph"]),
+                                           "dit_graphs": "dit"}
     if runtime.provider == "CUDAExecutionProvider" and runtime.precision == "fp16":
         fp32 = OnnxT2V(bundle, precision="fp32", threads=threads)
         out["onnxruntime_fp32"] = {**percentiles(timed(lambda: fp32.generate(PROMPT, seed=0, steps=steps), runs)),
@@ -226,9 +254,15 @@ def table(r: dict) -> str:
     rows = [
         ("machine", r["machine"]),
         ("model", r["model"]),
-        (f"latency p50 / p95, ONNX Runtime ({lat['onnxruntime']['provider']}, {lat['onnxruntime']['precision']})",
+        ("load average (1 min) at start / end", r["load"]),
+        (f"latency p50 / p95, ONNX Runtime ({lat['onnxruntime']['provider']}, {lat['onnxruntime']['precision']}, "
+         f"{lat['onnxruntime']['dit_graphs']})",
          f"{lat['onnxruntime']['p50_s']:.3f} s / {lat['onnxruntime']['p95_s']:.3f} s"),
     ]
+    if "onnxruntime_single_graph" in lat:
+        rows.append(("latency p50 / p95, ONNX Runtime, single dit.onnx every step (reference)",
+                     f"{lat['onnxruntime_single_graph']['p50_s']:.3f} s / "
+                     f"{lat['onnxruntime_single_graph']['p95_s']:.3f} s"))
     if "onnxruntime_fp32" in lat:
         rows.append(("latency p50 / p95, ONNX Runtime (CUDA, fp32)",
                      f"{lat['onnxruntime_fp32']['p50_s']:.3f} s / {lat['onnxruntime_fp32']['p95_s']:.3f} s"))
@@ -237,6 +271,12 @@ def table(r: dict) -> str:
          f"{lat['pytorch']['p50_s']:.3f} s / {lat['pytorch']['p95_s']:.3f} s"),
         ("ONNX Runtime speed-up (p50)", f"{lat['speedup_p50']:.2f}x ({lat['onnxruntime']['n']} runs, "
                                         f"{lat['steps']} steps, {lat['threads']} CPU threads each)"),
+        ("CPU time per generation p50 (this process), ONNX Runtime / eager PyTorch",
+         f"{lat['onnxruntime']['cpu_p50_s']:.3f} s / {lat['pytorch']['cpu_p50_s']:.3f} s "
+         f"({lat['pytorch']['cpu_p50_s'] / lat['onnxruntime']['cpu_p50_s']:.2f}x)"),
+        (f"ONNX Runtime, one batch of {lat['onnxruntime_batch']['batch']} videos: wall / CPU per video",
+         f"{lat['onnxruntime_batch']['p50_s'] / lat['onnxruntime_batch']['batch']:.3f} s / "
+         f"{lat['onnxruntime_batch']['cpu_p50_s'] / lat['onnxruntime_batch']['batch']:.3f} s"),
         ("service throughput, 1 client", f"{srv['one_client']['videos_per_s']:.2f} videos/s"),
         (f"service throughput, {srv['concurrent']['concurrency']} clients (adaptive batching)",
          f"{srv['concurrent']['videos_per_s']:.2f} videos/s"),
@@ -281,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
             bundle, vae, dit, model = args.bundle, args.vae, args.dit, f"trained ({args.bundle})"
             max_tokens = json.loads((bundle / "bundle.json").read_text())["max_tokens"]
+        load_start = os.getloadavg()[0]
         report = {
             "machine": f"{platform.node()}, {os.cpu_count()} CPUs",
             "model": model,
@@ -288,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             "service": serve_figures(bundle, tmp, args.throughput_requests, args.requests, args.concurrency,
                                      args.steps),
         }
+        report["load"] = f"{load_start:.2f} / {os.getloadavg()[0]:.2f}"
     try:
         import torch
 

@@ -2,7 +2,9 @@
 
 `text_encoder.onnx` (input_ids, attention_mask -> tokens), `dit.onnx` (one velocity evaluation:
 x, t, ctx, ctx_mask -> v) and `vae_decoder.onnx` (z -> video), names as docs/architecture.md
-fixes them. The sampling loop is not exported: it is a few lines of numpy in
+fixes them; plus the same DiT split for serving (`components/dit_serving.py`):
+`dit_condition.onnx` (once per generation) and `dit_step.onnx` (once per step), which the
+runtime prefers. The sampling loop is not exported: it is a few lines of numpy in
 `components/onnx_runtime.py`, sharing `components/schedule.py` with PyTorch.
 
 Each graph is exported with the dynamo exporter first (it worked in calibration), the
@@ -29,13 +31,19 @@ import torch
 from torch import nn
 
 from components.config import Config
+from components import schedule
 from components.dit import DiT, load_dit
+from components.dit_serving import DiTCondition, DiTStep
 from components.onnx_runtime import FP16_FILES
 from components.text_encoder import TOKENIZER_FILES, TEXT_DIM, TextEncoder, model_path
 from components.vae import VideoVAE, load_vae
 
 EXPORT_BATCH = 2  # example batch at export; parity runs at PARITY_BATCH to prove the axis is dynamic
 PARITY_BATCH = 3
+# The per-step DiT graph is exported at least at opset 20, where GELU (tanh) is one `Gelu` node;
+# below it the exporter writes eight elementwise nodes per block, which ORT's CPU provider
+# does not fuse. ONNX Runtime 1.17+ runs opset 20.
+DIT_STEP_MIN_OPSET = 20
 
 
 class VAEDecoder(nn.Module):
@@ -236,6 +244,69 @@ def export_dit(dit: DiT, path: Path, latent: tuple[int, int, int, int], max_toke
     return out
 
 
+def _split_parity(cond_path: Path, step_path: Path, dit: DiT, inputs: dict[str, torch.Tensor],
+                   ts: torch.Tensor) -> float:
+    """Max |DiT.forward - (dit_condition.onnx then dit_step.onnx)| at every time of `ts`."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    cond = ort.InferenceSession(str(cond_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(str(step_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    x, ctx, mask = inputs["x"], inputs["ctx"], inputs["ctx_mask"]
+    mod, *fixed = cond.run(None, {"x": x.numpy(), "ts": ts.numpy(), "ctx": ctx.numpy(),
+                                  "ctx_mask": mask.numpy()})
+    names = ["cross_k", "cross_v", "ctx_bias", "rope_cos", "rope_sin"]
+    worst = 0.0
+    for k in range(len(ts)):
+        (got,) = step.run(None, {"x": x.numpy(), "mod": mod[k], **dict(zip(names, fixed))})
+        with torch.no_grad():
+            want = dit(x, ts[k].expand(x.shape[0]), ctx, mask).numpy()
+        worst = max(worst, float(np.abs(got - want).max()))
+    return worst
+
+
+def export_dit_split(dit: DiT, cond_path: Path, step_path: Path, latent: tuple[int, int, int, int],
+                     max_tokens: int, opset: int, steps: int) -> dict:
+    """`dit_condition.onnx` and `dit_step.onnx` (components/dit_serving.py), checked together
+    against `DiT.forward` at a batch, a schedule length and (where it can) a clip length never
+    seen at export."""
+    gen = torch.Generator().manual_seed(2)
+    cond, step = DiTCondition(dit).eval(), DiTStep(dit).eval()
+    args = _dit_inputs(dit, EXPORT_BATCH, latent, max_tokens, gen)
+    ts = torch.from_numpy(schedule.timesteps(steps))  # (S,), S = steps + 1
+    cond_args = (args["x"], ts, args["ctx"], args["ctx_mask"])
+    cond_dynamic = {"x": {0: "batch", 2: "t", 3: "h", 4: "w"}, "ts": {0: "times"}, "ctx": {0: "rows"},
+                    "ctx_mask": {0: "rows"}}
+    outputs = ["mod", "cross_k", "cross_v", "ctx_bias", "rope_cos", "rope_sin"]
+    (cond_exporter, cond_optimised), cond_seconds = _with_timing(lambda: onnx_export(
+        cond, cond_args, cond_path, ["x", "ts", "ctx", "ctx_mask"], outputs, cond_dynamic, opset))
+    with torch.no_grad():
+        mod, *fixed = cond(*cond_args)
+    step_args = (args["x"], mod[0], *fixed)
+    step_dynamic = {"x": {0: "batch", 2: "t", 3: "h", 4: "w"}, "mod": {0: "batch"}, "cross_k": {1: "batch"},
+                    "cross_v": {1: "batch"}, "ctx_bias": {0: "batch"}, "rope_cos": {0: "tokens"},
+                    "rope_sin": {0: "tokens"}}
+    (step_exporter, step_optimised), step_seconds = _with_timing(lambda: onnx_export(
+        step, step_args, step_path, ["x", *outputs], ["v"], step_dynamic,
+        max(opset, DIT_STEP_MIN_OPSET)))
+    parity_ts = torch.from_numpy(schedule.timesteps(max(1, steps // 2 + 1)))
+    out = {"exporter": step_exporter, "condition_exporter": cond_exporter,
+           "seconds": cond_seconds + step_seconds,
+           "max_abs_diff": _split_parity(cond_path, step_path, dit,
+                                         _dit_inputs(dit, PARITY_BATCH, latent, max_tokens, gen), parity_ts),
+           "optimised": step_optimised, "condition_optimised": cond_optimised}
+    c, t, h, w = latent
+    pt = dit.patch[0]
+    if t > pt:
+        try:
+            short = _dit_inputs(dit, PARITY_BATCH, (c, t - pt, h, w), max_tokens, gen)
+            out["max_abs_diff_short"] = _split_parity(cond_path, step_path, dit, short, parity_ts)
+        except Exception as exc:  # noqa: BLE001 - reported, as for dit.onnx
+            out["dynamic_time_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return out
+
+
 def export_vae_decoder(vae: VideoVAE, path: Path, latent: tuple[int, int, int, int], opset: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     decoder = VAEDecoder(vae).eval()
@@ -334,6 +405,8 @@ def export_bundle(vae_path: str | Path, dit_path: str | Path, out_dir: str | Pat
         graphs = {
             "text_encoder": export_text_encoder(text, tmp / "text_encoder.onnx", opset, cache_dir),
             "dit": export_dit(dit, tmp / "dit.onnx", latent, cfg.text.max_tokens, opset),
+            "dit_step": export_dit_split(dit, tmp / "dit_condition.onnx", tmp / "dit_step.onnx", latent,
+                                         cfg.text.max_tokens, opset, cfg.sample.steps),
             "vae_decoder": export_vae_decoder(vae, tmp / "vae_decoder.onnx", latent, opset),
         }
         # Half-precision DiT and decoder for GPUs; their parity is tested where a GPU exists

@@ -23,8 +23,12 @@ from tokenizers import Tokenizer
 from components import schedule
 
 BUNDLE_FILES = ("text_encoder.onnx", "dit.onnx", "vae_decoder.onnx", "tokenizer.json", "bundle.json")
+# The DiT split for serving (components/dit_serving.py): its caption and timestep conditioning
+# once per generation, then one cheaper graph per step. Bundles exported before it lack them and
+# run `dit.onnx` every step.
+SPLIT_DIT_FILES = ("dit_condition.onnx", "dit_step.onnx")
 # Optional half-precision graphs for GPUs (float32 inputs and outputs, fp16 inside).
-FP16_FILES = {"dit": "dit_fp16.onnx", "vae_decoder": "vae_decoder_fp16.onnx"}
+FP16_FILES = {"dit": "dit_fp16.onnx", "dit_step": "dit_step_fp16.onnx", "vae_decoder": "vae_decoder_fp16.onnx"}
 PRECISIONS = ("auto", "fp32", "fp16")
 SAMPLERS = ("euler", "heun")
 
@@ -226,13 +230,15 @@ class OnnxT2V:
 
     `precision`: "fp32", "fp16" (the bundle's `*_fp16.onnx` DiT and decoder; inputs and outputs
     stay float32) or "auto": fp16 when the DiT runs on CUDA and the bundle has the fp16 graphs.
-    On CUDA the DiT runs with IO binding: the text context is copied to the GPU once per
+    On CUDA the DiT runs with IO binding: the text conditioning is copied to the GPU once per
     generation, not once per step (`io_binding`: None = on CUDA only). `threads`: ORT intra-op
-    threads on CPU (benchmarks pin it).
+    threads on CPU (benchmarks pin it). `split_dit`: run `dit_condition.onnx` once per
+    generation and `dit_step.onnx` per step (None = when the bundle has them), else `dit.onnx`.
     """
 
     def __init__(self, bundle_dir: str | Path, providers: Sequence[str] | None = None,
-                 precision: str = "auto", threads: int | None = None, io_binding: bool | None = None):
+                 precision: str = "auto", threads: int | None = None, io_binding: bool | None = None,
+                 split_dit: bool | None = None):
         self.bundle_dir = Path(bundle_dir)
         missing = [f for f in BUNDLE_FILES if not (self.bundle_dir / f).exists()]
         if missing:
@@ -246,9 +252,15 @@ class OnnxT2V:
         providers = list(providers) if providers is not None else available_providers()
         if "CUDAExecutionProvider" in providers:
             _preload_cuda_libraries()
-        has_fp16 = all((self.bundle_dir / f).exists() for f in FP16_FILES.values())
+        has_split = all((self.bundle_dir / f).exists() for f in SPLIT_DIT_FILES)
+        if split_dit and not has_split:
+            raise FileNotFoundError(f"{self.bundle_dir}: split_dit=True needs {', '.join(SPLIT_DIT_FILES)}: "
+                                    "re-export the bundle with components.export.export_bundle")
+        self.split_dit = has_split if split_dit is None else bool(split_dit)
+        fp16_needed = [FP16_FILES["dit_step" if self.split_dit else "dit"], FP16_FILES["vae_decoder"]]
+        has_fp16 = all((self.bundle_dir / f).exists() for f in fp16_needed)
         if precision == "fp16" and not has_fp16:
-            raise FileNotFoundError(f"{self.bundle_dir}: precision='fp16' needs {', '.join(FP16_FILES.values())}: "
+            raise FileNotFoundError(f"{self.bundle_dir}: precision='fp16' needs {', '.join(fp16_needed)}: "
                                     "re-export the bundle with components.export.export_bundle")
 
         opts = ort.SessionOptions()
@@ -264,10 +276,13 @@ class OnnxT2V:
         cuda = "CUDAExecutionProvider" in providers
         # fp16 pays off only on a GPU; ORT's CPU provider runs most fp16 ops through casts.
         self.precision = "fp16" if precision == "fp16" or (precision == "auto" and cuda and has_fp16) else "fp32"
+        dit_name = "dit_step" if self.split_dit else "dit"
         if self.precision == "fp16":
-            self._dit, self._decoder = session(FP16_FILES["dit"]), session(FP16_FILES["vae_decoder"])
+            self._dit, self._decoder = session(FP16_FILES[dit_name]), session(FP16_FILES["vae_decoder"])
         else:
-            self._dit, self._decoder = session("dit.onnx"), session("vae_decoder.onnx")
+            self._dit, self._decoder = session(f"{dit_name}.onnx"), session("vae_decoder.onnx")
+        # The conditioning graph runs once per generation: float32 whatever the precision.
+        self._dit_condition = session("dit_condition.onnx") if self.split_dit else None
         # IO binding pays where inputs cross a bus (CUDA); on CPU it is the same copy either way
         # and is only switched on explicitly (a test does, to run this code path without a GPU).
         self._io_binding = self.provider == "CUDAExecutionProvider" if io_binding is None else io_binding
@@ -278,6 +293,9 @@ class OnnxT2V:
         pad_id = self._tokenizer.token_to_id("[PAD]")
         self._tokenizer.enable_padding(length=self.info.max_tokens, pad_id=0 if pad_id is None else pad_id)
         self._tokenizer.enable_truncation(self.info.max_tokens)
+        # The empty caption (the unconditional branch of nearly every request) is encoded once,
+        # as T2VPipeline does with its null_ctx.
+        self._empty = self.encode_text([""])  # (1, L, 384), (1, L)
         self._mean = np.asarray(self.info.latent_mean, np.float32).reshape(1, -1, 1, 1, 1)
         self._std = np.asarray(self.info.latent_std, np.float32).reshape(1, -1, 1, 1, 1)
 
@@ -311,27 +329,41 @@ class OnnxT2V:
         (tokens,) = self._text.run(["tokens"], {"input_ids": ids, "attention_mask": mask})
         return tokens.astype(np.float32, copy=False), mask.astype(bool)
 
-    def _dit_runner(self, ctx: np.ndarray, mask: np.ndarray):
-        """-> run(x, t) -> v for a fixed text context ctx (N, L, 384) / mask (N, L).
+    def _dit_runner(self, x: np.ndarray, ts: np.ndarray, ctx: np.ndarray, mask: np.ndarray):
+        """-> run(x, k) -> v (N, c, t, h, w) at time ts[k], for a fixed text context ctx (N, L, 384)
+        / mask (N, L); x (B, c, t, h, w) gives the latent shape (its values are not read).
 
-        On CUDA the context is copied to the GPU once and bound for every step (IO binding);
-        x and t change each step and are copied in, v is copied out.
+        Split DiT: `dit_condition.onnx` runs here, once, for every step's conditioning; each
+        call then runs `dit_step.onnx` on x and step k's row of it. Otherwise `dit.onnx` per
+        call. On CUDA what stays fixed is copied to the GPU once and bound for every step (IO
+        binding); x (and the step's conditioning row) are copied in, v is copied out.
         """
+        n = ctx.shape[0]
+        if self.split_dit:
+            mod, cross_k, cross_v, ctx_bias, rope_cos, rope_sin = self._dit_condition.run(
+                None, {"x": x, "ts": ts, "ctx": ctx, "ctx_mask": mask})  # mod (S, N, 1, M)
+            fixed = {"cross_k": cross_k, "cross_v": cross_v, "ctx_bias": ctx_bias, "rope_cos": rope_cos,
+                     "rope_sin": rope_sin}
+            per_step = lambda k: {"mod": mod[k]}  # noqa: E731
+        else:
+            fixed = {"ctx": ctx, "ctx_mask": mask}
+            per_step = lambda k: {"t": np.full((n,), ts[k], np.float32)}  # noqa: E731
         if not self._io_binding:
-            def run(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-                (v,) = self._dit.run(["v"], {"x": x, "t": t, "ctx": ctx, "ctx_mask": mask})
+            def run(x: np.ndarray, k: int) -> np.ndarray:
+                (v,) = self._dit.run(["v"], {"x": x, **per_step(k), **fixed})
                 return v
             return run
         device = self._bind_device
-        ctx_gpu = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(ctx), device, 0)
-        mask_gpu = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask), device, 0)
+        bound = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0)
+                 for name, value in fixed.items()}
 
-        def run_bound(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        def run_bound(x: np.ndarray, k: int) -> np.ndarray:
             binding = self._dit.io_binding()
             binding.bind_cpu_input("x", np.ascontiguousarray(x))
-            binding.bind_cpu_input("t", t)
-            binding.bind_ortvalue_input("ctx", ctx_gpu)
-            binding.bind_ortvalue_input("ctx_mask", mask_gpu)
+            for name, value in per_step(k).items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            for name, value in bound.items():
+                binding.bind_ortvalue_input(name, value)
             binding.bind_output("v", device, 0)
             self._dit.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()[0]
@@ -407,33 +439,35 @@ class OnnxT2V:
         shape = self.info.latent_shape(num_frames, height, width)
         # Each video's noise is drawn alone so a batch reproduces the single-prompt videos.
         x = np.concatenate([schedule.initial_noise(int(s), (1, *shape)) for s in seeds])  # (B, c, t, h, w)
-        uncond = list(dict.fromkeys(negative_prompts))  # each distinct negative encoded once
-        tokens, mask = self.encode_text([*prompts, *uncond])
-        row = {text: b + i for i, text in enumerate(uncond)}
+        fresh = [n for n in dict.fromkeys(negative_prompts) if n != ""]  # each distinct one encoded once
+        tokens, mask = self.encode_text([*prompts, *fresh])
+        tokens, mask = np.concatenate([tokens, self._empty[0]]), np.concatenate([mask, self._empty[1]])
+        row = {text: b + i for i, text in enumerate([*fresh, ""])}
         pick = [row[n] for n in negative_prompts]
         cond_only = bool(np.all(g == 1.0))  # guidance 1 is the conditional branch alone
+        ts = schedule.timesteps(steps, self.info.shift_for(num_frames, height, width))
         if cond_only:
-            run = self._dit_runner(tokens[:b], mask[:b])
+            run = self._dit_runner(x, ts, tokens[:b], mask[:b])
         else:
-            run = self._dit_runner(np.concatenate([tokens[:b], tokens[pick]]),  # (2B, L, 384)
+            run = self._dit_runner(x, ts, np.concatenate([tokens[:b], tokens[pick]]),  # (2B, L, 384)
                                    np.concatenate([mask[:b], mask[pick]]))  # (2B, L)
         gb = g.reshape(b, 1, 1, 1, 1)
 
-        def velocity(x: np.ndarray, t: np.float32) -> np.ndarray:
-            """Guided v, as `rectified_flow._velocity`: cond and uncond in one DiT call."""
+        def velocity(x: np.ndarray, k: int) -> np.ndarray:
+            """Guided v at ts[k], as `rectified_flow._velocity`: cond and uncond in one DiT call."""
             if cond_only:
-                return run(x, np.full((b,), t, np.float32))
-            v = run(np.concatenate([x, x]), np.full((2 * b,), t, np.float32))  # (2B, c, t, h, w)
+                return run(x, k)
+            v = run(np.concatenate([x, x]), k)  # (2B, c, t, h, w)
             v_cond, v_uncond = v[:b], v[b:]
             return v_uncond + gb * (v_cond - v_uncond)
 
-        ts = schedule.timesteps(steps, self.info.shift_for(num_frames, height, width))
-        for t, t_next in zip(ts[:-1], ts[1:]):
+        for k in range(steps):
+            t, t_next = ts[k], ts[k + 1]
             dt = t_next - t  # negative: from noise towards data
-            v = velocity(x, t)
+            v = velocity(x, k)
             if sampler == "heun" and t_next > 0:
                 x_euler = x + dt * v
-                v_next = velocity(x_euler, t_next)
+                v_next = velocity(x_euler, k + 1)
                 x = x + dt * 0.5 * (v + v_next)
             else:
                 x = x + dt * v
@@ -467,6 +501,7 @@ class OnnxT2V:
             "provider": self.provider,
             "precision": self.precision,
             "io_binding": self._io_binding,
+            "dit_graphs": "dit_condition + dit_step" if self.split_dit else "dit",
             "bundle": self.info.raw,
             "limits": {"time_down": self.limits.time_down, "max_frames": self.limits.max_frames,
                        "allowed_frames": self.limits.allowed_frames(),

@@ -5,7 +5,11 @@ and hands back one output per input; a video request is a whole sampling loop wh
 (steps, frames) decide the latent shape, and whose answer is an MP4, not an array row. So the
 batching sits one level down, where the loop starts: requests with the same loop settings
 (`BatchKey`) that arrive while the runtime is busy, or within `max_latency_ms` of the first,
-run as one `OnnxT2V.generate_batch` call. Prompts, negative prompts, seeds and guidance may
+run as one `OnnxT2V.generate_batch` call. The window opens at the later of the oldest
+request's arrival and the end of the previous batch: under load, the clients a batch has just
+answered come back within a few milliseconds of each other, and without that wait every batch
+would leave with the requests that happened to arrive first (batches alternating between two
+halves of the clients, 3-5 videos out of 8). Prompts, negative prompts, seeds and guidance may
 differ per row (the runtime takes them per row); each video is the one a single request would
 get, up to float rounding.
 
@@ -70,6 +74,7 @@ class Batcher:
         self._pending: list[_Pending] = []
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._free_since = 0.0  # monotonic time the previous batch finished
 
     @property
     def queued(self) -> int:
@@ -104,11 +109,11 @@ class Batcher:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                # Wait for company up to max_latency after the oldest arrival, unless a full
-                # batch is already there; requests arriving while a batch runs join the next.
+                # Wait for company up to max_latency after the oldest arrival or the end of the
+                # previous batch, whichever is later, unless a full batch is already there.
                 oldest = self._pending[0]
                 same = sum(p.key == oldest.key for p in self._pending)
-                wait = oldest.arrived + self.max_latency_s - time.monotonic()
+                wait = max(oldest.arrived, self._free_since) + self.max_latency_s - time.monotonic()
                 if same < self.max_batch_size and wait > 0:
                     await asyncio.sleep(wait)
                 batch = [p for p in self._take() if not p.future.cancelled()]
@@ -118,10 +123,12 @@ class Batcher:
                 try:
                     videos = await asyncio.to_thread(self.run_batch, batch[0].key, [p.job for p in batch])
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the error, the loop lives on
+                    self._free_since = time.monotonic()
                     for p in batch:
                         if not p.future.done():
                             p.future.set_exception(exc)
                     continue
+                self._free_since = time.monotonic()
                 for p, video in zip(batch, videos):
                     if not p.future.done():
                         p.future.set_result(video)

@@ -279,7 +279,71 @@ def test_unknown_precision_and_missing_fp16_are_named(tiny, tmp_path):
         OnnxT2V(tiny.bundle, precision="int8")
     bare = tmp_path / "bundle"
     shutil.copytree(tiny.bundle, bare)
-    (bare / "dit_fp16.onnx").unlink()
-    with pytest.raises(FileNotFoundError, match="dit_fp16.onnx"):
+    (bare / "dit_step_fp16.onnx").unlink()  # the split DiT's fp16 step graph
+    with pytest.raises(FileNotFoundError, match="dit_step_fp16.onnx"):
         OnnxT2V(bare, precision="fp16")
     assert OnnxT2V(bare, providers=["CPUExecutionProvider"]).precision == "fp32"  # auto falls back
+
+
+# ----------------------------------------------------------------------------------------------
+# The split DiT (components/dit_serving.py): conditioning once per generation, then per step
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frames, batch", [(9, 3), (5, 1)])
+def test_condition_then_step_equals_the_dit_forward_in_pytorch(frames, batch):
+    from components.dit import DiT, DiTSpec
+    from components.dit_serving import DiTCondition, DiTStep
+
+    torch.manual_seed(0)
+    dit = DiT(DiTSpec(in_channels=4, dim=48, depth=2, heads=3, mlp_ratio=2.0, patch_t=1, patch_h=2, patch_w=2))
+    with torch.no_grad():
+        for p in dit.parameters():  # adaLN-Zero starts as the identity: wake every weight
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(batch, 4, 1 + (frames - 1) // 4, 4, 4)
+    ctx, mask = torch.randn(batch, 7, 384), torch.rand(batch, 7) < 0.6
+    mask[:, 0] = True
+    ts = torch.tensor([1.0, 0.7, 0.2, 0.0])
+    with torch.no_grad():
+        mod, *fixed = DiTCondition(dit)(x, ts, ctx, mask)
+        for k in range(len(ts)):
+            want = dit(x, ts[k].expand(batch), ctx, mask)
+            torch.testing.assert_close(DiTStep(dit)(x, mod[k], *fixed), want, rtol=0, atol=1e-5)
+
+
+def test_rotate_half_matrix_is_the_rope_rotation():
+    from components.dit import apply_rope
+    from components.dit_serving import rotate_half_matrix
+
+    q = torch.randn(2, 5, 3, 8)
+    cos, sin = torch.randn(5, 1, 8), torch.randn(5, 1, 8)
+    want = apply_rope(q.transpose(1, 2), cos.squeeze(1), sin.squeeze(1)).transpose(1, 2)
+    torch.testing.assert_close(q * cos + (q @ rotate_half_matrix(8)) * sin, want)
+
+
+def test_the_bundle_ships_the_split_dit_and_the_runtime_prefers_it(tiny, runtime):
+    graphs = tiny.report["graphs"]["dit_step"]
+    assert graphs["max_abs_diff"] < 1e-4 and graphs["max_abs_diff_short"] < 1e-4  # unseen batch, clip
+    assert runtime.split_dit and runtime.describe()["dit_graphs"] == "dit_condition + dit_step"
+    single = OnnxT2V(tiny.bundle, split_dit=False)
+    assert single.describe()["dit_graphs"] == "dit"
+    for sampler, guidance in [("euler", [2.0, 4.0]), ("heun", 1.0)]:
+        want = single.sample_latents(PROMPTS, SEEDS, steps=3, guidance=guidance, sampler=sampler)
+        got = runtime.sample_latents(PROMPTS, SEEDS, steps=3, guidance=guidance, sampler=sampler)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_bundle_without_the_split_dit_runs_dit_onnx(tiny, tmp_path):
+    import shutil
+
+    from components.onnx_runtime import SPLIT_DIT_FILES
+
+    old = tmp_path / "bundle"
+    shutil.copytree(tiny.bundle, old)
+    for name in SPLIT_DIT_FILES:
+        (old / name).unlink()
+    runtime = OnnxT2V(old, providers=["CPUExecutionProvider"])
+    assert not runtime.split_dit
+    assert runtime.generate(PROMPTS[0], seed=1, steps=2).shape == (TINY["frames"], TINY["size"], TINY["size"], 3)
+    with pytest.raises(FileNotFoundError, match="dit_condition.onnx"):
+        OnnxT2V(old, split_dit=True)

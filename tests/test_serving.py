@@ -96,6 +96,36 @@ def test_batches_respect_max_size_and_never_mix_settings(runtime):
     assert [v.shape[0] for v in videos] == [5, 1, 5, 5, 5, 1]
 
 
+def test_requests_queued_during_a_batch_wait_for_company_after_it():
+    """B arrives while A's batch runs, C just after it ends: B waits the window and leaves with C."""
+    import threading
+
+    calls: list[int] = []
+    release = threading.Event()
+
+    def run_batch(key: BatchKey, jobs):
+        calls.append(len(jobs))
+        if len(calls) == 1:
+            release.wait(30)  # A's batch runs until B has queued
+        return np.zeros((len(jobs), 1, 2, 2, 3), np.uint8)
+
+    async def main():
+        batcher = Batcher(run_batch, max_batch_size=8, max_latency_ms=1000)
+        a = asyncio.ensure_future(batcher.submit(KEY, JOBS[0]))
+        while not calls:  # A's batch has started (after its own window)
+            await asyncio.sleep(0.01)
+        b = asyncio.ensure_future(batcher.submit(KEY, JOBS[1]))
+        await asyncio.sleep(1.5)  # B has now waited longer than the window
+        release.set()
+        await a
+        c = await batcher.submit(KEY, JOBS[2])  # joins B: the window restarted when A's batch ended
+        await b
+        return c
+
+    asyncio.run(main())
+    assert calls == [1, 2]
+
+
 def test_a_failing_batch_fails_its_requests_and_the_batcher_lives_on(runtime):
     calls: list = []
 
