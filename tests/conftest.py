@@ -40,6 +40,21 @@ def _no_stale_tracking_uri():
 
 
 @pytest.fixture
+def empty_registry(tmp_path):
+    """A real MLflow SQLite registry in tmp_path with one registered model `m` and no versions:
+    (client, experiment id)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    client.create_registered_model("m")
+    return client, exp
+
+
+@pytest.fixture
 def one_thread():
     """Tiny models gain nothing from a second thread, and on a busy CPU two threads that wait on
     each other ran the VAE steps 20x slower. Modules opt in with `pytestmark`."""

@@ -22,16 +22,8 @@ MODEL = "m"
 
 
 @pytest.fixture()
-def registry(tmp_path):
-    import mlflow
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
-    client.create_registered_model(MODEL)
-    return client, exp
+def registry(empty_registry):
+    return empty_registry  # model MODEL ("m"), no versions yet
 
 
 def _register(registry, adherence: float, direction: str = "higher", passed: bool = True):

@@ -61,16 +61,9 @@ def test_quiet_environment_keeps_prefect_state_in_the_project(tmp_path, monkeypa
 
 
 @pytest.fixture()
-def registry(tmp_path):
+def registry(empty_registry):
     """A real MLflow SQLite registry with three versions of one model."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
-    client.create_registered_model("m")
+    client, exp = empty_registry
     for _ in range(3):
         run = client.create_run(exp)
         client.create_model_version("m", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
