@@ -142,7 +142,9 @@ def test_each_run_leaves_report_metrics_table_and_full_progress(dashboard_run):
     by_type = {a.type: a for a in arts}
     assert set(by_type) >= {"markdown", "table", "progress"}
     assert float(by_type["progress"].data) == 100.0
-    report = by_type["markdown"].data
+    by_key = {a.key: a for a in arts}
+    assert {"pipeline-report", "evaluation-report", "data-docs"} <= set(by_key)
+    report = by_key["pipeline-report"].data
     assert run.info.run_id in report and "#/experiments/" in report
     assert "| onnx_max_abs_diff |" in report  # the gate table
     assert "alias **none (a gate failed)**" in report and "reports/eval/samples" in report
