@@ -26,6 +26,7 @@ MAX_CONCURRENCY = 64  # requests in flight per worker; more are 429 (BentoML tra
 MAX_BATCH_SIZE = 8  # videos sampled together in one DiT call (bounds peak memory)
 MAX_QUEUED = 256  # requests waiting for a batch (tasks included); more are 429
 MAX_LATENCY_MS = 25  # how long the first request of a batch waits for company
+MAX_LANES = 16  # batches running at once (one per CPU core by default; serving/batching.py)
 REQUEST_TIMEOUT_S = 600
 
 

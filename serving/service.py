@@ -41,14 +41,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from components.onnx_runtime import OnnxT2V
+from components.onnx_runtime import OnnxT2V, available_providers
 from components.video_io import encode_gif, encode_mp4
 from serving.batching import BatchKey, Batcher, Job, QueueFull
-from serving.schema import (MAX_BATCH_SIZE, MAX_BODY_BYTES, MAX_CONCURRENCY, MAX_LATENCY_MS, MAX_QUEUED,
+from serving.schema import (MAX_BATCH_SIZE, MAX_BODY_BYTES, MAX_CONCURRENCY, MAX_LANES, MAX_LATENCY_MS, MAX_QUEUED,
                             REQUEST_TIMEOUT_S, ExpandRequest, GenerateRequest)
 from serving.store import MODEL_NAME
 
 BUNDLE_ENV = "ZOETROPE_BUNDLE"
+LANES_ENV = "ZOETROPE_SERVE_LANES"
 MEDIA_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
 TASK_ROUTE = "/tasks/generate"
 JSON_ROUTES = ("/generate", "/expand", TASK_ROUTE, f"{TASK_ROUTE}/submit")
@@ -89,9 +90,14 @@ class TextToVideo:
         self.ready = False
         bundle = os.environ.get(BUNDLE_ENV)
         self.source = bundle if bundle else str(self.model.tag)
-        self.pipeline = OnnxT2V(Path(bundle) if bundle else Path(self.model.path))
-        self.batcher = Batcher(self._run_batch, MAX_BATCH_SIZE, MAX_LATENCY_MS,
-                               on_batch=batch_size_histogram.observe, max_queued=MAX_QUEUED)
+        lanes, threads = serving_lanes(gpu="CUDAExecutionProvider" in available_providers())
+        self.pipeline = OnnxT2V(Path(bundle) if bundle else Path(self.model.path), threads=threads)
+        # A batching window pays only where a larger batch costs less per video: one lane (a GPU,
+        # or a CPU lane with several threads). Single-threaded CPU lanes take what is queued at
+        # once: waiting would idle a core for a batch that costs the same per video.
+        window_ms = MAX_LATENCY_MS if lanes == 1 else 0.0
+        self.batcher = Batcher(self._run_batch, MAX_BATCH_SIZE, window_ms,
+                               on_batch=batch_size_histogram.observe, max_queued=MAX_QUEUED, lanes=lanes)
         # One real 1-step, 1-frame generation: the provider's kernels load now, and /readyz
         # says ready only once a forward pass has gone through every graph.
         self.pipeline.generate("warm-up", seed=0, steps=1, num_frames=1)
@@ -175,7 +181,8 @@ class TextToVideo:
     def info(self) -> dict:
         recent = self.batcher.batch_sizes[-100:]
         return {"source": self.source, **self.pipeline.describe(),
-                "batching": {"max_batch_size": self.batcher.max_batch_size, "queued": self.batcher.queued,
+                "batching": {"max_batch_size": self.batcher.max_batch_size, "lanes": self.batcher.lanes,
+                             "queued": self.batcher.queued,
                              "recent_batch_sizes": recent}}
 
 
@@ -183,6 +190,30 @@ def _error(exc: Exception, status: HTTPStatus) -> JSONResponse:
     # Returned, not raised: BentoML replaces the message of every 5xx it catches with a generic
     # one, and wraps a 4xx body in a list; a task whose response is >= 400 is marked failed.
     return JSONResponse({"error": str(exc)}, status_code=status)
+
+
+def serving_lanes(gpu: bool) -> tuple[int, int | None]:
+    """(lanes, ONNX Runtime intra-op threads per lane) for this host.
+
+    `$ZOETROPE_SERVE_LANES` overrides; by default one single-threaded lane per CPU core this
+    process may run on (see serving/batching.py for why), and one lane on a GPU, where batching,
+    not more lanes, fills the device (threads None: ORT's choice for its few CPU-side ops).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    raw = os.environ.get(LANES_ENV, "").strip()
+    if raw:
+        try:
+            lanes = int(raw)
+        except ValueError:
+            lanes = 0
+        if not 1 <= lanes <= MAX_LANES:
+            raise ValueError(f"{LANES_ENV}={raw!r} is invalid: use a whole number of lanes from 1 to {MAX_LANES} "
+                             f"(this host has {cores} cores), or unset it for one per core")
+    elif gpu:
+        return 1, None
+    else:
+        lanes = min(cores, MAX_LANES)
+    return lanes, max(1, cores // lanes)
 
 
 def _run_expand(prompt: str) -> dict:

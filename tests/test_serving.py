@@ -126,6 +126,70 @@ def test_requests_queued_during_a_batch_wait_for_company_after_it():
     assert calls == [1, 2]
 
 
+def test_free_lanes_split_the_queue_and_run_their_batches_at_once():
+    """8 waiting requests, 2 free lanes: two batches of 4 that run at the same time (each lane's
+    batch waits at a barrier the other must reach), and every request gets its own video."""
+    import threading
+
+    calls: list[int] = []
+    both = threading.Barrier(2, timeout=30)  # BrokenBarrierError unless the two batches overlap
+
+    def run_batch(key: BatchKey, jobs):
+        calls.append(len(jobs))
+        both.wait()
+        return np.stack([np.full((1, 2, 2, 3), j.seed, np.uint8) for j in jobs])
+
+    async def main():
+        batcher = Batcher(run_batch, max_batch_size=8, max_latency_ms=200, lanes=2)
+        jobs = [Job(prompt=f"p{i}", negative_prompt="", seed=i, guidance=1.0) for i in range(8)]
+        return await asyncio.gather(*(batcher.submit(KEY, j) for j in jobs))
+
+    videos = asyncio.run(main())
+    assert calls == [4, 4]
+    assert [int(v[0, 0, 0, 0]) for v in videos] == list(range(8))
+
+
+def test_one_lane_runs_one_batch_at_a_time():
+    import threading
+
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def run_batch(key: BatchKey, jobs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        threading.Event().wait(0.05)
+        with lock:
+            running[0] -= 1
+        return np.zeros((len(jobs), 1, 2, 2, 3), np.uint8)
+
+    async def main():
+        batcher = Batcher(run_batch, max_batch_size=2, max_latency_ms=1, lanes=1)
+        jobs = [Job(prompt=f"p{i}", negative_prompt="", seed=i, guidance=1.0) for i in range(6)]
+        await asyncio.gather(*(batcher.submit(KEY, j) for j in jobs))
+        return batcher.batch_sizes
+
+    assert asyncio.run(main()) == [2, 2, 2]
+    assert peak[0] == 1
+
+
+def test_serving_lanes_follow_the_cores_and_name_a_bad_override(monkeypatch):
+    import os
+
+    from serving.service import LANES_ENV, serving_lanes
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv(LANES_ENV, raising=False)
+    assert serving_lanes(gpu=False) == (cores, 1)
+    assert serving_lanes(gpu=True) == (1, None)
+    monkeypatch.setenv(LANES_ENV, "1")
+    assert serving_lanes(gpu=False) == (1, cores)
+    monkeypatch.setenv(LANES_ENV, "two")
+    with pytest.raises(ValueError, match=LANES_ENV):
+        serving_lanes(gpu=False)
+
+
 def test_a_failing_batch_fails_its_requests_and_the_batcher_lives_on(runtime):
     calls: list = []
 
