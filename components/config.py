@@ -123,13 +123,20 @@ class VAEConfig:
     patch: int = 2  # pixel (un)shuffle factor before the first conv; the rest of space_down is strided
     kl_weight: float = 1e-6
     mse_weight: float = 1.0  # L2 beside the L1 reconstruction loss: PSNR is an L2 measure
+    ssim_weight: float = 0.0  # (1 - SSIM) beside L1/L2: structure on flat backgrounds
     steps: int = 1500
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 50
     grad_clip: float = 1.0
+    # Frames of the window each training batch crops from its clips (0: the whole clip). The VAE
+    # is convolutional and causal, so a shorter window teaches it the same mapping at a fraction of
+    # the cost per step; it is still evaluated (and used) on whole clips.
+    train_frames: int = 0
 
     def validate(self) -> None:
+        _check(self.train_frames == 0 or (self.train_frames - 1) % self.time_down == 0, "vae.train_frames",
+               self.train_frames, f"use 0 (whole clips) or 1 + k * vae.time_down ({self.time_down}) frames")
         _check(self.time_down in (1, 2, 4), "vae.time_down", self.time_down, "use 1, 2 or 4")
         _check(self.space_down in (4, 8), "vae.space_down", self.space_down, "use 4 or 8")
         _check(self.patch in (1, 2, 4) and self.patch <= self.space_down, "vae.patch", self.patch,
@@ -253,6 +260,8 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        _check(self.vae.train_frames <= self.data.frames, "vae.train_frames", self.vae.train_frames,
+               f"use at most data.frames ({self.data.frames}), or 0 for whole clips")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

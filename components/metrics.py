@@ -21,9 +21,10 @@ def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
     return g[:, None] * g[None, :]  # (size, size)
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int = 7,
-         sigma: float = 1.5) -> float:
-    """Mean SSIM of every frame and channel (Wang et al. 2004), Gaussian window, valid padding.
+def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int = 7,
+             sigma: float = 1.5) -> torch.Tensor:
+    """Per-window SSIM (Wang et al. 2004) of every frame and channel, in x's dtype, differentiable
+    (the VAE's loss uses it); Gaussian window, valid padding.
 
     A 7-pixel window (not the paper's 11) because our frames are only 32 pixels wide.
     """
@@ -33,13 +34,18 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int 
         raise ValueError(f"ssim: expected video (B, C, T, H, W), got shape {tuple(x.shape)}")
     B, C, T, H, W = x.shape
     window = min(window, H, W)
-    x = x.double().permute(0, 2, 1, 3, 4).reshape(B * T * C, 1, H, W)
-    y = y.double().permute(0, 2, 1, 3, 4).reshape(B * T * C, 1, H, W)
-    k = _gaussian_window(window, sigma)[None, None].to(x.device)
+    x = x.permute(0, 2, 1, 3, 4).reshape(B * T * C, 1, H, W)
+    y = y.permute(0, 2, 1, 3, 4).reshape(B * T * C, 1, H, W)
+    k = _gaussian_window(window, sigma)[None, None].to(x.device, x.dtype)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mx, my = F.conv2d(x, k), F.conv2d(y, k)
     sxx = F.conv2d(x * x, k) - mx * mx
     syy = F.conv2d(y * y, k) - my * my
     sxy = F.conv2d(x * y, k) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return float(s.mean())
+    return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int = 7,
+         sigma: float = 1.5) -> float:
+    """Mean SSIM of every frame and channel, computed in float64 (see `ssim_map`)."""
+    return float(ssim_map(x.double(), y.double(), data_range, window, sigma).mean())

@@ -36,6 +36,8 @@ def test_params_yaml_mirrors_dataclasses_key_for_key():
     ({"nope": 1}, "unknown key nope"),
     ({"dit": {"steps": "many"}}, "dit.steps='many' should be int"),
     ({"data": {"frames": 16}}, "data.frames=16 is invalid"),
+    ({"vae": {"train_frames": 8}}, "vae.train_frames=8 is invalid"),
+    ({"data": {"frames": 9}, "vae": {"train_frames": 13}}, "vae.train_frames=13 is invalid: use at most data.frames"),
     ({"sample": {"sampler": "ddim"}}, "sample.sampler='ddim' is invalid"),
 ])
 def test_bad_values_fail_with_their_name(override, message):
