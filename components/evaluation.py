@@ -180,17 +180,19 @@ def flow_val_loss(encoded_dir: Path, dit: torch.nn.Module, seed: int,
                   device: str | torch.device = "cpu") -> dict[str, float]:
     """The train_dit stage's validation loss (fixed timesteps, fixed noise) on the val latents of
     data/encoded, for the model being evaluated; {} when there are no val latents."""
-    from components.train_dit import VAL_CLIPS, load_encoded, val_loss
+    from components.train_dit import VAL_CLIPS, load_encoded, split_buckets, val_loss
 
     lat, text = load_encoded(encoded_dir)
     val = torch.tensor([i for i, s in enumerate(lat["split"]) if s == "val"][:VAL_CLIPS], dtype=torch.long)
     if len(val) == 0:
         return {}
     used = max(2, int(text["mask"].sum(1).max()))  # as train_dit: padding is masked anyway
-    c = lat["caption_index"][val]
-    loss = val_loss(dit, lat["latents"][val].float().to(device), text["tokens"][c, :used].float().to(device),
-                    text["mask"][c, :used].to(device), seed)
-    return {"flow_val_loss": loss, "flow_val_clips": float(len(val))}
+    total = 0.0
+    for x, ids in split_buckets(lat["latents"], val):  # per latent shape (native sizes), as train_dit
+        c = lat["caption_index"][ids]
+        total += val_loss(dit, x.to(device), text["tokens"][c, :used].float().to(device),
+                          text["mask"][c, :used].to(device), seed) * len(ids)
+    return {"flow_val_loss": total / len(val), "flow_val_clips": float(len(val))}
 
 
 def _caption_distribution(encoded_dir: Path) -> dict[str, dict[str, float]] | None:

@@ -208,3 +208,85 @@ def test_own_videos_take_the_nearest_aspect_and_crop_only_the_remainder(tmp_path
     write_video(tmp_path / "wide.mp4", np.repeat(frame[None], 12, axis=0), fps=8)
     video, probe = decode_resampled(tmp_path / "wide.mp4", 8, sizes)
     assert video.shape[1:] == (16, 24, 3) and (probe["width"], probe["height"]) == (160, 90)
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE, encode and the DiT on every shape
+# ----------------------------------------------------------------------------------------------
+
+
+def _config(**vae):
+    from components.config import Config, DiTConfig, VAEConfig
+
+    return Config(seed=SEED, data=CFG,
+                  vae=VAEConfig(base_channels=8, latent_channels=4, steps=300, batch_size=4, lr=3e-3,
+                                warmup=5, **vae),
+                  dit=DiTConfig(preset="tiny", steps=12, batch_size=8, warmup=2))
+
+
+@pytest.fixture(scope="module")
+def vae_dir(clips_dir, tmp_path_factory) -> tuple[Path, dict]:
+    from components.vae import run_train_vae
+
+    out = tmp_path_factory.mktemp("vae")
+    logged: list[dict] = []
+    metrics = run_train_vae(clips_dir, out, _config(), log=lambda step, m: logged.append(m))
+    return out, {"metrics": metrics, "logged": logged}
+
+
+def test_vae_trains_on_every_shape_and_reconstructs_each(clips_dir, vae_dir):
+    from components.vae import VideoVAE, load_vae, recon_metrics_by_shape, reconstruct
+
+    out, run = vae_dir
+    metrics = run["metrics"]
+    assert metrics["buckets"] == 3
+    for aspect in SIZES:  # per-aspect figures beside the aggregate
+        assert np.isfinite(metrics[f"val_psnr_{aspect}"])
+    vae = load_vae(out / "vae.pt", "cpu")
+    assert sorted(vae.data["buckets"]) == sorted(f"{CFG.frames}x{h}x{w}" for h, w in SIZES.values())
+    clips = load_clips(clips_dir, CFG.size)
+    groups = [(b, v) for b, _, v in clips.native(clips.indices("val") + clips.indices("heldout"))]
+    assert len(groups) == 3
+    torch.manual_seed(SEED)
+    untrained = VideoVAE(_config().vae).eval()
+    before = recon_metrics_by_shape(untrained, groups, "cpu")
+    after = recon_metrics_by_shape(vae, groups, "cpu")
+    for aspect in SIZES:  # each shape learned, not one at the others' expense
+        assert after[f"psnr_{aspect}"] > before[f"psnr_{aspect}"] + 2, (aspect, before, after)
+        assert after[f"ssim_{aspect}"] > before[f"ssim_{aspect}"] + 0.1, (aspect, before, after)
+    for _, video in groups:
+        assert reconstruct(vae, video[:2], "cpu").shape == (min(2, len(video)), *video.shape[1:])
+    # The latent statistics are measured over every shape: normalised latents of each are ~unit.
+    with torch.no_grad():
+        z = torch.cat([vae.normalize(vae.encode(v.float() / 127.5 - 1)[0]).flatten() for _, v in groups])
+    assert abs(float(z.mean())) < 0.5 and 0.5 < float(z.std()) < 2.0
+
+
+def test_encode_writes_each_shape_and_train_dit_trains_on_them(clips_dir, vae_dir, tmp_path):
+    from components.dit import load_dit
+    from components.encode import run_encode
+    from components.evaluation import flow_val_loss
+    from components.train_dit import load_encoded, run_train_dit
+
+    clips = load_clips(clips_dir, CFG.size)
+    captions = tmp_path / "captions"
+    captions.mkdir()
+    with open(captions / "captions.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["clip_id", "caption", "source"])
+        writer.writerows([r["clip_id"], world.caption(r), "truth"] for r in clips.rows)
+    vae_path = vae_dir[0] / "vae.pt"
+    cfg = _config()
+    metrics = run_encode(clips_dir, captions, vae_path, tmp_path / "encoded", cfg)
+    assert metrics["latent_shapes"] == 3 and metrics["clips"] == len(clips)
+    lat, _ = load_encoded(tmp_path / "encoded")
+    assert isinstance(lat["latents"], list) and len(lat["latents"]) == len(clips)
+    for row, z in zip(clips.rows, lat["latents"]):  # each clip's latent at its own shape
+        assert tuple(z.shape) == (4, (CFG.frames - 1) // 4 + 1, row["height"] // 4, row["width"] // 4)
+
+    logged: list[dict] = []
+    dit_metrics = run_train_dit(tmp_path / "encoded", tmp_path / "dit", cfg, log=lambda s, m: logged.append(m))
+    assert dit_metrics["buckets"] == 3 and np.isfinite(dit_metrics["val_loss"])
+    dit = load_dit(tmp_path / "dit" / "dit.pt", "cpu")
+    val = flow_val_loss(tmp_path / "encoded", dit, SEED)  # evaluation reads the list of latents too
+    assert val["flow_val_loss"] == pytest.approx(dit_metrics["val_loss"], rel=1e-5)
