@@ -262,31 +262,66 @@ def test_vae_trains_on_every_shape_and_reconstructs_each(clips_dir, vae_dir):
     assert abs(float(z.mean())) < 0.5 and 0.5 < float(z.std()) < 2.0
 
 
-def test_encode_writes_each_shape_and_train_dit_trains_on_them(clips_dir, vae_dir, tmp_path):
-    from components.dit import load_dit
+@pytest.fixture(scope="module")
+def trained(clips_dir, vae_dir, tmp_path_factory) -> dict:
+    """Captions (the ground truth), encode and a few DiT steps on the three shapes."""
     from components.encode import run_encode
-    from components.evaluation import flow_val_loss
-    from components.train_dit import load_encoded, run_train_dit
+    from components.train_dit import run_train_dit
 
+    root = tmp_path_factory.mktemp("trained")
     clips = load_clips(clips_dir, CFG.size)
-    captions = tmp_path / "captions"
-    captions.mkdir()
-    with open(captions / "captions.csv", "w", newline="") as fh:
+    (root / "captions").mkdir()
+    with open(root / "captions" / "captions.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["clip_id", "caption", "source"])
         writer.writerows([r["clip_id"], world.caption(r), "truth"] for r in clips.rows)
-    vae_path = vae_dir[0] / "vae.pt"
     cfg = _config()
-    metrics = run_encode(clips_dir, captions, vae_path, tmp_path / "encoded", cfg)
-    assert metrics["latent_shapes"] == 3 and metrics["clips"] == len(clips)
-    lat, _ = load_encoded(tmp_path / "encoded")
+    encode = run_encode(clips_dir, root / "captions", vae_dir[0] / "vae.pt", root / "encoded", cfg)
+    dit = run_train_dit(root / "encoded", root / "dit", cfg)
+    return {"root": root, "encode": encode, "dit": dit, "cfg": cfg}
+
+
+def test_encode_writes_each_shape_and_train_dit_trains_on_them(clips_dir, trained):
+    from components.dit import load_dit
+    from components.evaluation import flow_val_loss
+    from components.train_dit import load_encoded
+
+    clips = load_clips(clips_dir, CFG.size)
+    root = trained["root"]
+    assert trained["encode"]["latent_shapes"] == 3 and trained["encode"]["clips"] == len(clips)
+    lat, _ = load_encoded(root / "encoded")
     assert isinstance(lat["latents"], list) and len(lat["latents"]) == len(clips)
     for row, z in zip(clips.rows, lat["latents"]):  # each clip's latent at its own shape
         assert tuple(z.shape) == (4, (CFG.frames - 1) // 4 + 1, row["height"] // 4, row["width"] // 4)
+    metrics = trained["dit"]
+    assert metrics["buckets"] == 3 and np.isfinite(metrics["val_loss"])
+    dit = load_dit(root / "dit" / "dit.pt", "cpu")
+    val = flow_val_loss(root / "encoded", dit, SEED)  # evaluation reads the list of latents too
+    assert val["flow_val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
 
-    logged: list[dict] = []
-    dit_metrics = run_train_dit(tmp_path / "encoded", tmp_path / "dit", cfg, log=lambda s, m: logged.append(m))
-    assert dit_metrics["buckets"] == 3 and np.isfinite(dit_metrics["val_loss"])
-    dit = load_dit(tmp_path / "dit" / "dit.pt", "cpu")
-    val = flow_val_loss(tmp_path / "encoded", dit, SEED)  # evaluation reads the list of latents too
-    assert val["flow_val_loss"] == pytest.approx(dit_metrics["val_loss"], rel=1e-5)
+
+def test_evaluation_reports_each_aspect_and_samples_its_sizes(clips_dir, vae_dir, trained):
+    from components.config import EvalConfig, SampleConfig
+    from components.evaluation import run_evaluate
+    from components.video_io import read_clip
+
+    root = trained["root"]
+    cfg = dataclasses.replace(trained["cfg"], sample=SampleConfig(steps=2),
+                              eval=EvalConfig(judge_steps=4, prompts_per_split=3, recon_clips=24,
+                                              paraphrase_prompts=0))
+    report = run_evaluate(clips_dir, vae_dir[0] / "vae.pt", root / "dit" / "dit.pt", root / "eval", cfg,
+                          encoded_dir=root / "encoded")
+    m = report["metrics"]
+    for aspect in SIZES:
+        assert np.isfinite(m[f"vae_psnr_{aspect}"]) and np.isfinite(m[f"vae_ssim_{aspect}"])
+    parts = [m[f"vae_psnr_{a}"] for a in SIZES]
+    assert min(parts) <= m["vae_psnr"] <= max(parts)  # the mean over every clip
+    assert report["aspect_samples"] == ["landscape", "portrait"]
+    scale = {"landscape": (16, 24), "portrait": (24, 16)}
+    for aspect, (h, w) in scale.items():
+        grid, _ = read_clip(root / "eval" / "samples" / f"grid_{aspect}.gif")
+        assert grid.shape[1] == h + 2  # one row of `h`-high videos with 2-pixel gutters
+        assert grid.shape[2] == 8 * (w + 2)
+        assert f"samples/grid_{aspect}.gif" in (root / "eval" / "report.md").read_text()
+    square, _ = read_clip(root / "eval" / "samples" / "grid_seen.gif")
+    assert square.shape[1] == CFG.size + 2  # the graded generations stay square
