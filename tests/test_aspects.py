@@ -325,3 +325,14 @@ def test_evaluation_reports_each_aspect_and_samples_its_sizes(clips_dir, vae_dir
         assert f"samples/grid_{aspect}.gif" in (root / "eval" / "report.md").read_text()
     square, _ = read_clip(root / "eval" / "samples" / "grid_seen.gif")
     assert square.shape[1] == CFG.size + 2  # the graded generations stay square
+
+
+def test_bundle_records_the_trained_sizes(vae_dir, trained):
+    from components.dit import load_dit
+    from components.export import bundle_metadata
+    from components.vae import load_vae
+
+    meta = bundle_metadata(load_vae(vae_dir[0] / "vae.pt", "cpu"),
+                           load_dit(trained["root"] / "dit" / "dit.pt", "cpu"), trained["cfg"])
+    assert sorted(meta["buckets"]) == sorted(f"{CFG.frames}x{h}x{w}" for h, w in SIZES.values())
+    assert meta["size"] == CFG.size  # the default (square) generation size is unchanged
