@@ -27,7 +27,7 @@ from torch import nn
 
 from components import world
 from components.checkpoint import atomic_write_text, load_model, save_model
-from components.clips import Clips, load_clips
+from components.clips import Clips, load_clips, square_shard
 from components.config import CaptionConfig, Config
 from components.trainer import LogFn, TrainSpec, fit
 
@@ -350,15 +350,17 @@ def evaluate(captions: list[str], rows: list[dict]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 
 
-def caption_shard(model_path: Path, clips_dir: Path, shard: str, device: str = "cpu") -> dict:
-    """Caption every clip of one shard with the saved captioner (the unit a Dask worker runs).
+def caption_shard(model_path: Path, clips_dir: Path, shard: str, device: str = "cpu",
+                  size: int | None = None) -> dict:
+    """Caption every clip of one shard with the saved captioner (the unit a Dask worker runs),
+    seeing the square view of side `size` (`data.size`) it trained on (components/clips.py).
 
     -> {"clip_id": [str], "caption": [str]}, in the shard's order; strings only, so the result is
     cheap to send back from a remote worker.
     """
     model = load_captioner(model_path, device)
     data = torch.load(Path(clips_dir) / shard, map_location="cpu", weights_only=True)
-    return {"clip_id": list(data["clip_id"]), "caption": model.generate(data["video"])}
+    return {"clip_id": list(data["clip_id"]), "caption": model.generate(square_shard(data["video"], size))}
 
 
 def run_caption_stage(
@@ -377,7 +379,7 @@ def run_caption_stage(
     calls)` (the stage passes a Dask map, flows/shards.py); by default one shard after another.
     """
     t0 = time.time()
-    clips: Clips = load_clips(clips_dir)
+    clips: Clips = load_clips(clips_dir, cfg.data.size)
     train = clips.indices("train", caption_visible=True)
     model = train_captioner(clips.video[train], clips.column("caption", train), cfg.caption, cfg.seed,
                             device=device, log=log, ckpt_dir=ckpt_dir)
@@ -385,7 +387,8 @@ def run_caption_stage(
     model_path = Path(model_dir) / "captioner.pt"
     save_captioner(model, model_path)
 
-    calls = [{"model_path": model_path, "clips_dir": Path(clips_dir), "shard": name, "device": str(device)}
+    calls = [{"model_path": model_path, "clips_dir": Path(clips_dir), "shard": name, "device": str(device),
+              "size": cfg.data.size}
              for name in dict.fromkeys(r["shard"] for r in clips.rows)]
     parts = map_shards(caption_shard, calls) if map_shards else [caption_shard(**kw) for kw in calls]
     by_id = {cid: text for part in parts for cid, text in zip(part["clip_id"], part["caption"], strict=True)}

@@ -1,23 +1,94 @@
-"""The prepared clips as one tensor plus their manifest rows (what `components.prepare` wrote)."""
+"""The prepared clips and their manifest rows (what `components.prepare` wrote), two ways.
+
+Native sizes (`Clips.native`): each clip at its own (frames, height, width), grouped by shape, as
+Sora trains. The VAE (training, latent statistics, reconstruction metrics) and encode, and so the
+DiT, see these. The square view (`Clips.video`): every clip resized to `data.size` x `data.size`
+in one uint8 tensor, for the fixed-size classifiers: the captioner and the judge (and the
+evaluation's real-clip statistics beside the judge's square generations). With one square clip
+size, the square view is the native tensor itself.
+"""
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from components.buckets import Bucket
 
 SPLITS = ("train", "val", "heldout")
+SQUARE_CHUNK = 256  # clips resized at a time: bounds the float copy
+
+
+def to_square(video: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, T, H, W) -> uint8 (N, 3, T, size, size): each frame resized (antialiased
+    bilinear: area-like when shrinking, smooth when enlarging), aspect not kept, nothing cropped."""
+    n, c, t, h, w = video.shape
+    if (h, w) == (size, size):
+        return video
+    out = torch.empty((n, c, t, size, size), dtype=torch.uint8)
+    for i in range(0, n, SQUARE_CHUNK):
+        x = video[i:i + SQUARE_CHUNK].float().transpose(1, 2).flatten(0, 1)  # (n*T, 3, H, W)
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        y = y.round().clamp(0, 255).to(torch.uint8).unflatten(0, (-1, t)).transpose(1, 2)
+        out[i:i + SQUARE_CHUNK] = y
+    return out
+
+
+def square_shard(video: torch.Tensor | list[torch.Tensor], size: int | None) -> torch.Tensor:
+    """A shard's `video` (one tensor, or a list of clips of mixed shapes) as its square view;
+    `size` None keeps a one-tensor shard as it is."""
+    if torch.is_tensor(video):
+        return video if size is None else to_square(video, size)
+    if size is None:
+        raise ValueError("this shard holds clips of several shapes: pass the square view's side (data.size)")
+    return torch.cat([to_square(clip[None], size) for clip in video])
 
 
 @dataclass
 class Clips:
-    video: torch.Tensor  # uint8 (N, 3, T, H, W), in manifest order
+    # Per clip shape (frames, height, width): manifest indices (ascending) and uint8 (n, 3, T, H, W).
+    groups: dict[tuple[int, int, int], tuple[list[int], torch.Tensor]]
     rows: list[dict]  # manifest rows; `caption_visible` as bool, numbers as int / float
+    size: int  # the square view's side (`data.size`)
+    _square: torch.Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def video(self) -> torch.Tensor:
+        """The square view: uint8 (N, 3, T, size, size), in manifest order (built once)."""
+        if self._square is None:
+            if len(self.groups) == 1:
+                (_, video), = self.groups.values()
+                self._square = to_square(video, self.size)
+            else:
+                t = next(iter(self.groups))[0]
+                self._square = torch.empty((len(self), 3, t, self.size, self.size), dtype=torch.uint8)
+                for idx, video in self.groups.values():
+                    self._square[idx] = to_square(video, self.size)
+        return self._square
+
+    @property
+    def shapes(self) -> list[Bucket]:
+        return [Bucket(*shape) for shape in self.groups]
+
+    def native(self, idx: list[int] | None = None) -> list[tuple[Bucket, list[int], torch.Tensor]]:
+        """The clips `idx` (default all) at their native sizes: per shape, (its bucket, its manifest
+        indices in `idx` order, uint8 (n, 3, T, H, W)), shapes in the order `idx` first meets them."""
+        where = {i: (shape, k) for shape, (ids, _) in self.groups.items() for k, i in enumerate(ids)}
+        picked: dict[tuple[int, int, int], list[int]] = {}
+        for i in (range(len(self)) if idx is None else idx):
+            picked.setdefault(where[int(i)][0], []).append(int(i))
+        out = []
+        for shape, ids in picked.items():
+            video = self.groups[shape][1]
+            out.append((Bucket(*shape), ids, video[[where[i][1] for i in ids]]))
+        return out
 
     def indices(self, split: str, caption_visible: bool | None = None) -> list[int]:
         """Row indices of a split (optionally only clips whose caption is or isn't visible)."""
@@ -57,8 +128,11 @@ def read_manifest(path: Path) -> list[dict]:
     return rows
 
 
-def load_clips(clips_dir: Path) -> Clips:
-    """Concatenate the shards in manifest order, checking each row points at its clip."""
+def load_clips(clips_dir: Path, size: int | None = None) -> Clips:
+    """Group the shards' clips by shape, in manifest order, checking each row points at its clip.
+
+    `size`: the square view's side (`data.size`); default the clips' side when they are all one
+    square size (as before native sizes)."""
     clips_dir = Path(clips_dir)
     rows = read_manifest(clips_dir / "manifest.csv")
     if not rows:
@@ -66,7 +140,7 @@ def load_clips(clips_dir: Path) -> Clips:
     shards: dict[str, dict] = {}
     for name in dict.fromkeys(r["shard"] for r in rows):
         shards[name] = torch.load(clips_dir / name, map_location="cpu", weights_only=True)
-    parts = []
+    parts: list[torch.Tensor | list[torch.Tensor]] = []
     for name, shard in shards.items():
         ids = [r["clip_id"] for r in rows if r["shard"] == name]
         if shard["clip_id"] != ids:
@@ -75,8 +149,28 @@ def load_clips(clips_dir: Path) -> Clips:
                 f"the folder mixes two prepare runs; rerun the prepare stage"
             )
         parts.append(shard["video"])
-    video = torch.cat(parts)
     order = [r["clip_id"] for r in rows]
     if order != [cid for s in shards.values() for cid in s["clip_id"]]:
         raise ValueError(f"{clips_dir / 'manifest.csv'} is not in shard order: rerun the prepare stage")
-    return Clips(video=video, rows=rows)
+    groups = _group(parts)
+    if size is None:
+        squares = {h for _, h, w in groups if h == w}
+        if len(groups) > 1 or len(squares) != 1:
+            raise ValueError(f"{clips_dir} holds clips of {len(groups)} shapes "
+                             f"({', '.join(str(Bucket(*s)) for s in groups)}): pass the square view's "
+                             f"side, load_clips(clips_dir, cfg.data.size)")
+        size = squares.pop()
+    return Clips(groups=groups, rows=rows, size=size)
+
+
+def _group(parts: list[torch.Tensor | list[torch.Tensor]]) -> dict[tuple[int, int, int], tuple[list[int], torch.Tensor]]:
+    """Shards' videos (a (n, 3, T, H, W) tensor or a list of (3, T, H, W) clips each) -> per shape,
+    manifest indices and the stacked clips. One shape concatenates the shards, as always."""
+    if all(torch.is_tensor(p) for p in parts) and len({tuple(p.shape[2:]) for p in parts}) == 1:
+        video = torch.cat(parts)
+        return {tuple(video.shape[2:]): (list(range(len(video))), video)}
+    clips = [c for p in parts for c in p]  # iterating a tensor yields its clips
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, c in enumerate(clips):
+        groups.setdefault(tuple(c.shape[1:]), []).append(i)
+    return {shape: (ids, torch.stack([clips[i] for i in ids])) for shape, ids in groups.items()}

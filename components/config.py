@@ -43,6 +43,19 @@ class DataConfig:
     two_object_fraction: float = 0.25  # share of synthetic videos with a second object
     min_duration: float = 2.0  # synthetic video length range in seconds (at least one clip long)
     max_duration: float = 4.0
+    # Native clip sizes "HxW" (Sora trains on native aspects): each video is resized to the one
+    # nearest its aspect ratio. Empty: one square `size` x `size`. `size` stays the side of the
+    # square view that the fixed-size captioner and judge see (components/clips.py).
+    aspects: tuple[str, ...] = ()
+
+    @property
+    def clip_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every native clip size, in `aspects` order."""
+        return [parse_aspect(a) for a in self.aspects] or [(self.size, self.size)]
+
+    def raw_side(self, side: int) -> int:
+        """The synthetic MP4's side for a clip side: `raw_size / size` times it."""
+        return side * self.raw_size // self.size
 
     def validate(self) -> None:
         _check(bool(self.source.strip()), "data.source", self.source,
@@ -61,6 +74,23 @@ class DataConfig:
         _check(self.min_duration > 0, "data.min_duration", self.min_duration, "use seconds > 0")
         _check(self.max_duration >= self.min_duration, "data.max_duration", self.max_duration,
                f"use at least data.min_duration ({self.min_duration})")
+        ratios: dict[float, str] = {}
+        for a in self.aspects:
+            try:
+                h, w = parse_aspect(a)
+            except ValueError:
+                raise ConfigError(f"data.aspects entry {a!r} is invalid: write HEIGHTxWIDTH, "
+                                  f"e.g. 24x40 (landscape)") from None
+            _check(h % 8 == 0 and w % 8 == 0 and h > 0 and w > 0, "data.aspects entry", a,
+                   "use sides that are multiples of 8 (VAE space_down 4 x DiT patch 2), e.g. 24x40")
+            _check(h * self.raw_size % self.size == 0 and w * self.raw_size % self.size == 0,
+                   "data.aspects entry", a, f"the synthetic video is data.raw_size / data.size = "
+                   f"{self.raw_size}/{self.size} times each side: use sides it scales to whole pixels")
+            # prepare gives each video the size nearest its aspect ratio: two sizes of one ratio
+            # could never both be chosen.
+            _check(h / w not in ratios, "data.aspects entry", a,
+                   f"it has the aspect ratio of {ratios.get(h / w)}: keep one size per ratio")
+            ratios[h / w] = a
 
 
 @dataclass(frozen=True)
@@ -264,7 +294,9 @@ class Config:
                f"use at most data.frames ({self.data.frames}), or 0 for whole clips")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Lists, not tuples: YAML (safe_dump) and JSON readers take them.
+        return dataclasses.asdict(self, dict_factory=lambda kv: {k: list(v) if isinstance(v, tuple) else v
+                                                                 for k, v in kv})
 
     def flat(self) -> dict[str, Any]:
         """`{"dit.lr": 0.002, ...}`: the flat, comparable form logged as MLflow params."""
@@ -282,6 +314,14 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 
 
+def parse_aspect(text: str) -> tuple[int, int]:
+    """"24x40" -> (24, 40): a clip size written HEIGHTxWIDTH."""
+    h, sep, w = str(text).strip().lower().partition("x")
+    if not sep or not h.isdigit() or not w.isdigit():
+        raise ValueError(f"clip size {text!r} is invalid: write HEIGHTxWIDTH, e.g. 24x40")
+    return int(h), int(w)
+
+
 def _check(ok: bool, name: str, value: Any, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: {fix}")
@@ -295,6 +335,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp == tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{name}={value!r} should be a list of strings, e.g. [32x32, 24x40]")
+        return tuple(items)
     if tp in (int, float, str, bool):
         if type(value) is not tp:
             raise ConfigError(f"{name}={value!r} should be {tp.__name__}, got {type(value).__name__}")

@@ -1,6 +1,8 @@
 """Encode once, train many times: clips -> normalised VAE latents, captions -> MiniLM token states.
 
-Writes `latents.pt` (posterior means, normalised with the VAE's measured per-channel stats) and
+Writes `latents.pt` (posterior means, normalised with the VAE's measured per-channel stats: one
+(N, c, t, h, w) tensor when every clip has one shape, else, with native sizes, the list of the N
+clips' (c, t, h, w) latents in manifest order, which train_dit groups by shape) and
 `text.pt` (unique captions, index 0 the empty caption used for classifier-free guidance), as
 docs/architecture.md specifies.
 """
@@ -49,7 +51,7 @@ def run_encode(clips_dir: Path, captions_dir: Path, vae_path: Path, out_dir: Pat
     from components.clips import load_clips  # the prepare stage's reader
 
     t0 = time.time()
-    clips = load_clips(Path(clips_dir))
+    clips = load_clips(Path(clips_dir), cfg.data.size)
     captions = read_captions(Path(captions_dir))
     clip_ids = [r["clip_id"] for r in clips.rows]
     texts = [captions.get(c, "") for c in clip_ids]
@@ -57,7 +59,16 @@ def run_encode(clips_dir: Path, captions_dir: Path, vae_path: Path, out_dir: Pat
     index = {t: i for i, t in enumerate(unique)}
 
     vae = load_vae(vae_path, device)
-    latents = encode_latents(vae, clips.video, device)  # (N, c, t, h, w)
+    groups = clips.native()  # [(bucket, manifest indices, uint8 (n, 3, T, H, W))] per clip shape
+    if len(groups) == 1:
+        latents = encode_latents(vae, groups[0][2], device)  # (N, c, t, h, w)
+        flat = latents.flatten()
+    else:
+        latents = [None] * len(clips)  # N (c, t, h, w), each clip at its own shape
+        for _, ids, video in groups:
+            for i, z in zip(ids, encode_latents(vae, video, device)):
+                latents[i] = z
+        flat = torch.cat([z.flatten() for z in latents])
     encoder = TextEncoder(cfg.text.max_tokens, device)
     tokens, mask = encoder.encode(unique)  # (U, L, 384), (U, L)
 
@@ -77,8 +88,9 @@ def run_encode(clips_dir: Path, captions_dir: Path, vae_path: Path, out_dir: Pat
         "clips": len(clip_ids),
         "uncaptioned_clips": sum(1 for t in texts if not t),
         "unique_captions": len(unique),
-        "latent_mean_abs": float(latents.mean().abs()),
-        "latent_std": float(latents.std()),
+        "latent_shapes": len(groups),
+        "latent_mean_abs": float(flat.mean().abs()),
+        "latent_std": float(flat.std()),
         "seconds": time.time() - t0,
     }
     if log is not None:

@@ -28,6 +28,7 @@ from components import world
 from components.config import Config
 
 LogFn = Callable[[int, dict[str, float]], None]
+ASPECT_SAMPLES = 8  # seen prompts generated at each non-square native size, for the report
 
 
 @dataclass(frozen=True)
@@ -180,17 +181,19 @@ def flow_val_loss(encoded_dir: Path, dit: torch.nn.Module, seed: int,
                   device: str | torch.device = "cpu") -> dict[str, float]:
     """The train_dit stage's validation loss (fixed timesteps, fixed noise) on the val latents of
     data/encoded, for the model being evaluated; {} when there are no val latents."""
-    from components.train_dit import VAL_CLIPS, load_encoded, val_loss
+    from components.train_dit import VAL_CLIPS, load_encoded, split_buckets, val_loss
 
     lat, text = load_encoded(encoded_dir)
     val = torch.tensor([i for i, s in enumerate(lat["split"]) if s == "val"][:VAL_CLIPS], dtype=torch.long)
     if len(val) == 0:
         return {}
     used = max(2, int(text["mask"].sum(1).max()))  # as train_dit: padding is masked anyway
-    c = lat["caption_index"][val]
-    loss = val_loss(dit, lat["latents"][val].float().to(device), text["tokens"][c, :used].float().to(device),
-                    text["mask"][c, :used].to(device), seed)
-    return {"flow_val_loss": loss, "flow_val_clips": float(len(val))}
+    total = 0.0
+    for x, ids in split_buckets(lat["latents"], val):  # per latent shape (native sizes), as train_dit
+        c = lat["caption_index"][ids]
+        total += val_loss(dit, x.to(device), text["tokens"][c, :used].float().to(device),
+                          text["mask"][c, :used].to(device), seed) * len(ids)
+    return {"flow_val_loss": total / len(val), "flow_val_clips": float(len(val))}
 
 
 def _caption_distribution(encoded_dir: Path) -> dict[str, dict[str, float]] | None:
@@ -222,7 +225,7 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     """Every metric of the stage, the gates and the primary metric; writes `out_dir/report.md` and
     `out_dir/samples/`. `encoded_dir` (data/encoded) adds the flow-matching validation loss and the
     training captions' distribution that prompt expansion fills from."""
-    from components.clips import load_clips
+    from components.clips import load_clips, to_square
     from components.generate import T2VPipeline
     from components.judge import train_judge
     from components.metrics import psnr, ssim
@@ -233,25 +236,46 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     t0 = time.time()
     rng = random.Random(cfg.seed + 101)
     torch.manual_seed(cfg.seed)
-    clips = load_clips(clips_dir)
+    clips = load_clips(clips_dir, cfg.data.size)
     vae = load_vae(vae_path, device)
     metrics: dict[str, float] = {}
 
-    # 1. Reconstruction on clips the VAE never trained on (val + held-out).
+    def reconstruct_native(idx: list[int]) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Clips `idx` reconstructed at their native sizes -> per shape (aspect, real, recon),
+        both uint8, and every reconstruction's square view in `idx` order (for the judge)."""
+        pos = {i: k for k, i in enumerate(idx)}
+        square = torch.empty((len(idx), 3, cfg.data.frames, cfg.data.size, cfg.data.size), dtype=torch.uint8)
+        shapes = []
+        for bucket, ids, real in clips.native(idx):
+            recon = to_uint8(vae_reconstruct(vae, real, device))
+            square[[pos[i] for i in ids]] = to_square(recon, cfg.data.size)
+            shapes.append((bucket.aspect, real, recon))
+        return shapes, square
+
+    # 1. Reconstruction on clips the VAE never trained on (val + held-out), each at its native
+    # size; the mean over clips, and per aspect when the data has more than one.
     rows = clips.rows
     unseen = [i for i, r in enumerate(rows) if r["split"] in ("val", "heldout")]
     rng.shuffle(unseen)
     unseen = sorted(unseen[: cfg.eval.recon_clips])
-    real_unseen = clips.video[unseen]
-    recon_unseen = to_uint8(vae_reconstruct(vae, real_unseen, device))
-    metrics["vae_psnr"] = float(psnr(to_unit(recon_unseen), to_unit(real_unseen)))
-    metrics["vae_ssim"] = float(ssim(to_unit(recon_unseen), to_unit(real_unseen)))
+    real_unseen = clips.video[unseen]  # the square view, for the judge
+    shapes, recon_unseen = reconstruct_native(unseen)
+    per_aspect: dict[str, list[tuple[int, float, float]]] = {}
+    for aspect, real, recon in shapes:
+        per_aspect.setdefault(aspect, []).append(
+            (len(real), psnr(to_unit(recon), to_unit(real)), ssim(to_unit(recon), to_unit(real))))
+    for suffix, parts in [("", [p for ps in per_aspect.values() for p in ps]),
+                          *((f"_{a}", ps) for a, ps in per_aspect.items() if len(per_aspect) > 1)]:
+        n = sum(k for k, _, _ in parts)
+        metrics[f"vae_psnr{suffix}"] = float(sum(k * p for k, p, _ in parts) / n)
+        metrics[f"vae_ssim{suffix}"] = float(sum(k * q for k, _, q in parts) / n)
 
     # 2. The judge: real one-object train clips plus reconstructions of half of them. It grades
     # one-object prompts, and a second object would make its labels (the first's) ambiguous.
+    # A fixed-size classifier: it sees the square view of real clips and of reconstructions.
     train_idx = [i for i, r in enumerate(rows) if r["split"] == "train" and _one_object(r)]
     recon_idx = train_idx[::2]
-    recon = to_uint8(vae_reconstruct(vae, clips.video[recon_idx], device))
+    _, recon = reconstruct_native(recon_idx)
     judge_video = torch.cat([clips.video[train_idx], recon])
     labels = {a: [rows[i][a] for i in train_idx] + [rows[i][a] for i in recon_idx] for a in world.GRADED}
     judge = train_judge(judge_video, labels, cfg.eval, cfg.seed, log=_prefixed(log, "judge/"),
@@ -283,6 +307,18 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
         for i, (prompt, video) in enumerate(zip(prompts, frames)):
             write_video(samples_dir / f"{split}_{i:02d}_{prompt.replace(' ', '_')[:60]}.gif", video, cfg.data.fps)
         write_video(samples_dir / f"grid_{split}.gif", _grid(frames), cfg.data.fps)
+
+    # 3b. Samples at the data's other native sizes (landscape, portrait): seen prompts generated at
+    # each such clip size, for the report; the judge grades only the square ones above.
+    aspect_samples = []
+    if "seen" in generated:
+        seen_prompts = [world.caption(a) for a in generated["seen"][0][:ASPECT_SAMPLES]]
+        for bucket in sorted(b for b in clips.shapes if b.aspect != "square"):
+            videos = pipe.generate(seen_prompts, seed=cfg.seed, steps=cfg.sample.steps,
+                                   guidance=cfg.sample.guidance, num_frames=bucket.frames,
+                                   sampler=cfg.sample.sampler, height=bucket.height, width=bucket.width)
+            write_video(samples_dir / f"grid_{bucket.aspect}.gif", _grid(videos), cfg.data.fps)
+            aspect_samples.append(bucket.aspect)
 
     # 4. Paraphrase robustness: the first seen prompts reworded, as written and as expanded.
     if cfg.eval.paraphrase_prompts and "seen" in generated:
@@ -316,7 +352,7 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     gates = check_gates(metrics, thresholds)
     metrics["evaluate_seconds"] = time.time() - t0
     report = {"metrics": metrics, "gates": gates, "passed": all(g["passed"] for g in gates),
-              "primary": primary_metric(metrics, cfg)}
+              "primary": primary_metric(metrics, cfg), "aspect_samples": aspect_samples}
     (out_dir / "report.md").write_text(report_markdown(report))
     return report
 
@@ -408,7 +444,9 @@ def report_markdown(report: dict) -> str:
               f"{_fmt(m, 'temporal_cosine_real')} |",
               f"| temporal consistency: mean abs. frame difference | {_fmt(m, 'temporal_l1_generated')} | "
               f"{_fmt(m, 'temporal_l1_real')} |",
-              f"| VAE reconstruction PSNR / SSIM | – | {_fmt(m, 'vae_psnr')} dB / {_fmt(m, 'vae_ssim')} |",
+              f"| VAE reconstruction PSNR / SSIM (native sizes) | – | {_fmt(m, 'vae_psnr')} dB / {_fmt(m, 'vae_ssim')} |",
+              *(f"| VAE reconstruction PSNR / SSIM, {a} clips | – | {_fmt(m, f'vae_psnr_{a}')} dB / "
+                f"{_fmt(m, f'vae_ssim_{a}')} |" for a in ("square", "landscape", "portrait") if f"vae_psnr_{a}" in m),
               f"| flow-matching validation loss (fixed timesteps, {_fmt(m, 'flow_val_clips')} clips) | "
               f"{_fmt(m, 'flow_val_loss')} | – |"]
     lines += ["", "## Every metric", "", "| metric | value |", "|---|---|"]
@@ -418,6 +456,8 @@ def report_markdown(report: dict) -> str:
                       ("paraphrase", "paraphrase_all")):
         if key in m:
             lines.append(f"![{name}](samples/grid_{name}.gif)")
+    for aspect in report.get("aspect_samples", []):  # seen prompts at the data's other native sizes
+        lines.append(f"![{aspect}](samples/grid_{aspect}.gif)")
     return "\n".join(lines) + "\n"
 
 

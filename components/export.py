@@ -372,6 +372,9 @@ def bundle_metadata(vae: VideoVAE, dit: DiT, cfg: Config) -> dict:
         "frames": cfg.data.frames,
         "max_frames": cfg.data.frames,
         "size": cfg.data.size,
+        # The clip shapes (FRAMESxHEIGHTxWIDTH) the VAE, and so the DiT, trained on: native sizes.
+        # Serving takes any height and width of a multiple of 8; these are the ones it has seen.
+        "buckets": list(getattr(vae, "data", {}).get("buckets", [])),
         "fps": cfg.data.fps,
         "max_tokens": cfg.text.max_tokens,
         "sample": {"steps": cfg.sample.steps, "guidance": cfg.sample.guidance,

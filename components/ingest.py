@@ -34,7 +34,7 @@ import av
 import numpy as np
 
 from components.config import DataConfig, IngestConfig
-from components.prepare import check_bad_share, clip_stats, write_clips
+from components.prepare import aspect_of, check_bad_share, clip_stats, nearest_size, write_clips
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
@@ -145,21 +145,25 @@ def stage_folder(source: str | Path, raw_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _target_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """Short side to `size`, aspect kept (even sides are not needed for RGB)."""
-    scale = size / min(width, height)
-    return max(size, round(width * scale)), max(size, round(height * scale))
+def _target_size(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) that covers the clip size (height, width), aspect kept (even sides are
+    not needed for RGB)."""
+    scale = max(size[0] / height, size[1] / width)
+    return max(size[1], round(width * scale)), max(size[0], round(height * scale))
 
 
-def _crop(frame: np.ndarray, size: int) -> np.ndarray:
+def _crop(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = frame.shape[:2]
-    top, left = (h - size) // 2, (w - size) // 2
-    return frame[top:top + size, left:left + size]
+    top, left = (h - size[0]) // 2, (w - size[1]) // 2
+    return frame[top:top + size[0], left:left + size[1]]
 
 
-def decode_resampled(path: str | Path, fps: int, size: int) -> tuple[np.ndarray, dict]:
-    """Decode to uint8 (N, size, size, 3) at `fps`, each kept frame downscaled by FFmpeg as it is
+def decode_resampled(path: str | Path, fps: int, size: int | list[tuple[int, int]]) -> tuple[np.ndarray, dict]:
+    """Decode to uint8 (N, H, W, 3) at `fps`, each kept frame downscaled by FFmpeg as it is
     decoded (area filter) and centre-cropped; -> frames and the probe (codec, size, fps, ...).
+    `size`: a square side, or the clip sizes (height, width) of `data.aspects`, of which the one
+    nearest the video's aspect ratio is taken (`prepare.nearest_size`): only a small remainder
+    is cropped.
 
     Only the frames nearest each target time are converted, so memory and time grow with the
     output, not the source resolution. Raises ValueError with a user-facing reason.
@@ -183,6 +187,7 @@ def decode_resampled(path: str | Path, fps: int, size: int) -> tuple[np.ndarray,
                  "duration": round(duration, 3)}
         if not cc.width or not cc.height:
             raise ValueError(f"unsupported video: frame size {cc.width}x{cc.height}")
+        size = (size, size) if isinstance(size, int) else nearest_size(cc.height, cc.width, size)
         tw, th = _target_size(cc.width, cc.height, size)
         out: list[np.ndarray] = []
         prev, prev_t, t0, decoded, step = None, 0.0, None, 0, 1.0 / fps
@@ -268,7 +273,7 @@ def process_file(job: tuple) -> dict:
     try:
         if os.path.getsize(path) == 0:
             raise ValueError("empty file (0 bytes)")
-        video, probe = decode_resampled(path, fps, size)  # (N, S, S, 3)
+        video, probe = decode_resampled(path, fps, size)  # (N, H, W, 3)
         out["probe"] = probe
         if len(video) < frames:
             raise ValueError(f"too short: {len(video) / fps:.2f} s, a clip needs {frames / fps:.2f} s "
@@ -309,7 +314,7 @@ def read_sources(raw_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def decode_files(paths: list[str], cfg: DataConfig, icfg: IngestConfig) -> list[dict]:
-    jobs = [(p, cfg.frames, cfg.fps, cfg.size, icfg) for p in paths]
+    jobs = [(p, cfg.frames, cfg.fps, cfg.clip_sizes, icfg) for p in paths]
     workers = cfg.workers or os.cpu_count() or 1
     if workers <= 1 or len(jobs) <= 1:
         return [process_file(j) for j in jobs]
@@ -370,6 +375,7 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig, icfg: IngestConfig, se
             "caption": caption, "caption_visible": bool(caption),
             **{a: "" for a in ("color", "shape", "motion", "speed", "size", "background")},
             **c["stats"],
+            "aspect": aspect_of(c["clip"].shape[2], c["clip"].shape[3]),
         }, c["clip"]))
     rows, shards = write_clips(out_dir, items, cfg.shard_size)
     seconds = time.time() - t0

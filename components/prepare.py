@@ -2,8 +2,10 @@
 
 Reads `raw_dir/metadata.jsonl` and cuts it into shards of `data.shard_size` videos; each shard
 (`prepare_shard`, the unit a Dask worker runs) decodes one clip of `data.frames` frames from each
-of its videos (a window drawn per video, seeded: `window_start`) and writes `shard-NNNNN.pt`
-(`{"video": uint8 (N, 3, T, H, W), "clip_id": [str]}`),
+of its videos (a window drawn per video, seeded: `window_start`), resized to the clip size of
+`data.aspects` nearest its aspect ratio (`nearest_size`; the small remainder centre-cropped, never
+padded), and writes `shard-NNNNN.pt` (`{"video": uint8 (N, 3, T, H, W), "clip_id": [str]}`; a
+shard whose clips differ in shape holds the list of its N (3, T, H, W) clips: `shard_video`),
 `manifest.csv` (one row per clip, in shard order) and `quarantine.json` (each unusable file with
 its reason) to `out_dir`. Splits: "heldout" stays; a `val_fraction` share of the train videos
 becomes "val", drawn from the metadata (not from the files that decoded), so one broken file
@@ -35,7 +37,7 @@ MapShards = Callable[[Callable[..., T], list[dict]], list[T]]
 METADATA_KEYS = ("id", "file", "color", "shape", "motion", "speed", "size", "background",
                  "caption", "split", "caption_visible", "fps", "frames", "width", "height")
 # Optional in metadata (older raw folders lack them): `objects` (default 1), `world.SECOND_KEYS`
-# (default empty), `duration` (default frames / fps), `aspect` (default from width and height).
+# (default empty), `duration` (default frames / fps), `aspect` (the manifest's is the clip's own).
 MANIFEST_COLUMNS = ("clip_id", "source", "shard", "index", "frames", "height", "width", "fps",
                     "split", "caption", "caption_visible", "color", "shape", "motion", "speed",
                     "size", "background", "motion_score", "mean", "std",
@@ -65,16 +67,25 @@ def check_bad_share(quarantine: list[dict], total: int, cfg: DataConfig, out_dir
 # ----------------------------------------------------------------------------------------------
 
 
-def resize_crop(frame: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3): area-resize the short side to `size`, centre-crop."""
+def resize_crop(frame: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (height, width, 3) of `size` (a side or (height, width)): area-resize
+    to cover it, aspect kept, and centre-crop the remainder."""
+    height, width = (size, size) if isinstance(size, int) else size
     h, w = frame.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
     if (nh, nw) != (h, w):
         # BOX averages every source pixel under a target pixel: area resampling, no aliasing.
         frame = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.BOX))
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return frame[top : top + size, left : left + size]
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return frame[top : top + height, left : left + width]
+
+
+def nearest_size(height: int, width: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The clip size (of `data.clip_sizes`) whose aspect ratio is nearest a video's (on a log
+    scale, so 2:1 and 1:2 are as far from square): only the small remainder is cropped."""
+    ratio = np.log(height / width)
+    return min(sizes, key=lambda s: abs(np.log(s[0] / s[1]) - ratio))
 
 
 def aspect_of(height: int, width: int) -> str:
@@ -89,9 +100,11 @@ def window_start(rec: dict, frames: int, fps: int, seed: int) -> float:
     return random.Random(f"{seed}:{rec['id']}").randint(0, last) / fps
 
 
-def load_clip(path: Path, frames: int, fps: int, size: int, start: float = 0.0) -> np.ndarray:
+def load_clip(path: Path, frames: int, fps: int, size: int | list[tuple[int, int]],
+              start: float = 0.0) -> np.ndarray:
     """Decode `frames` frames at `fps` from `start` seconds on as uint8 (3, T, H, W); ValueError
-    with the reason if unusable. Decoding stops at the clip's last frame."""
+    with the reason if unusable. Decoding stops at the clip's last frame. `size`: a square side,
+    or the clip sizes (height, width) to choose from by the video's aspect ratio."""
     if not path.exists():
         raise ValueError("missing file")
     if path.stat().st_size == 0:
@@ -106,11 +119,13 @@ def load_clip(path: Path, frames: int, fps: int, size: int, start: float = 0.0) 
     if index[-1] >= len(video):
         raise ValueError(f"too short: {len(video)} frames at {src_fps:g} fps, need "
                          f"{frames} frames at {fps} fps from {start:g} s")
+    if not isinstance(size, int):
+        size = nearest_size(*video[0].shape[:2], size)
     clip = np.stack([resize_crop(video[i], size) for i in index])  # (T, H, W, 3)
     return np.ascontiguousarray(clip.transpose(3, 0, 1, 2))
 
 
-def _load_job(job: tuple[str, int, int, int, float]) -> tuple[np.ndarray | None, str]:
+def _load_job(job: tuple[str, int, int, list[tuple[int, int]], float]) -> tuple[np.ndarray | None, str]:
     path, frames, fps, size, start = job
     try:
         return load_clip(Path(path), frames, fps, size, start), ""
@@ -161,7 +176,7 @@ def assign_splits(records: list[dict], val_fraction: float, seed: int) -> dict[s
     return {r["id"]: "val" if r["id"] in val else r["split"] for r in records}
 
 
-def _decode_all(jobs: list[tuple[str, int, int, int, float]], workers: int) -> list[tuple[np.ndarray | None, str]]:
+def _decode_all(jobs: list[tuple[str, int, int, list[tuple[int, int]], float]], workers: int) -> list[tuple[np.ndarray | None, str]]:
     if workers <= 1:
         return [_load_job(j) for j in jobs]
     # spawn, not fork: the calling process may hold threads (MLflow, torch) that fork would copy.
@@ -169,20 +184,28 @@ def _decode_all(jobs: list[tuple[str, int, int, int, float]], workers: int) -> l
         return pool.map(_load_job, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
 
 
+def shard_video(clips: list[np.ndarray]):
+    """A shard's `video`: one uint8 (N, 3, T, H, W) tensor when its clips share a shape (always,
+    with one clip size), else the list of N (3, T, H, W) clips (native sizes, in manifest order)."""
+    import torch
+
+    if len({c.shape for c in clips}) == 1:
+        return torch.from_numpy(np.stack(clips))
+    return [torch.from_numpy(c) for c in clips]
+
+
 def write_clips(out_dir: Path, items: list[tuple[dict, np.ndarray]], shard_size: int
                 ) -> tuple[list[dict], list[str]]:
     """Write (manifest row without shard/index, uint8 (3, T, H, W) clip) pairs as shards plus
     `manifest.csv`, in order; remove shards left by an earlier, larger run. -> rows, shard names."""
-    import torch
-
     from components.checkpoint import atomic_torch_save, atomic_write_text
 
     rows, shards = [], []
     for start in range(0, len(items), shard_size):
         part = items[start : start + shard_size]
         name = f"shard-{len(shards):05d}.pt"
-        video = torch.from_numpy(np.stack([clip for _, clip in part]))  # (N, 3, T, H, W)
-        atomic_torch_save({"video": video, "clip_id": [r["clip_id"] for r, _ in part]}, out_dir / name)
+        atomic_torch_save({"video": shard_video([clip for _, clip in part]),
+                           "clip_id": [r["clip_id"] for r, _ in part]}, out_dir / name)
         shards.append(name)
         for index, (row, _) in enumerate(part):
             rows.append({**row, "shard": name, "index": index})
@@ -219,7 +242,7 @@ def prepare_shard(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int, inde
     every = read_metadata(raw_dir)
     splits = assign_splits(every, cfg.val_fraction, seed)  # over all videos: a shard never moves a split
     records = every[start:stop]
-    jobs = [(str(Path(raw_dir) / r["file"]), cfg.frames, cfg.fps, cfg.size,
+    jobs = [(str(Path(raw_dir) / r["file"]), cfg.frames, cfg.fps, cfg.clip_sizes,
              window_start(r, cfg.frames, cfg.fps, seed)) for r in records]
     rows, clips, quarantine = [], [], []
     for rec, (clip, reason) in zip(records, _decode_all(jobs, workers)):
@@ -237,17 +260,15 @@ def prepare_shard(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int, inde
             "objects": int(rec.get("objects", 1)),
             **{k: rec.get(k, "") for k in world.SECOND_KEYS},
             "duration": float(rec.get("duration", int(rec["frames"]) / float(rec["fps"]))),
-            "aspect": rec.get("aspect") or aspect_of(int(rec["height"]), int(rec["width"])),
+            "aspect": aspect_of(clip.shape[2], clip.shape[3]),  # the clip's, after resizing
         })
         clips.append(clip)
     name = f"shard-{index:05d}.pt"
     if clips:
-        import torch
-
         from components.checkpoint import atomic_torch_save
 
-        video = torch.from_numpy(np.stack(clips))  # (N, 3, T, H, W)
-        atomic_torch_save({"video": video, "clip_id": [r["clip_id"] for r in rows]}, Path(out_dir) / name)
+        atomic_torch_save({"video": shard_video(clips), "clip_id": [r["clip_id"] for r in rows]},
+                          Path(out_dir) / name)
     for i, row in enumerate(rows):
         row.update(shard=name, index=i)
     return {"rows": rows, "quarantine": quarantine, "shard": name if clips else None}

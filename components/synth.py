@@ -14,6 +14,12 @@ clip); prepare cuts a clip of `data.frames` frames from each. Speeds are pixel r
 one training clip, so a moving object's video is no longer than it takes to cross the frame
 (`max_frames`: fast objects' videos last one clip).
 
+Each video's clip size is drawn from `data.aspects` (square, landscape, portrait: balanced like the
+attributes, from its own seeded stream so one aspect leaves every other draw as it was) and the
+MP4 is written at `data.raw_size / data.size` times it, so prepare really decodes and downsizes.
+Object sizes, margins and speeds are shares of the short side: an object looks the same and moves
+as many pixels per frame in a landscape clip as in a square one, and stays inside either.
+
 Shapes are drawn from signed distance functions with a one-pixel soft edge (analytic
 anti-aliasing), and each trajectory is chosen so the whole object stays inside the frame.
 """
@@ -32,6 +38,7 @@ from PIL import Image
 
 from components import world
 from components.config import DataConfig
+from components.prepare import aspect_of
 from components.video_io import write_video
 
 # Half-extent of each shape relative to its `world.SIZES` radius, chosen for similar areas.
@@ -201,6 +208,11 @@ def _plan(cfg: DataConfig, seed: int) -> list[dict]:
     # A second object's colour comes after the first's, so a first object of the last colour has none.
     can_pair = [i for i in range(n) if columns["color"][i] != last_colour]
     paired = set(rng.sample(can_pair, min(len(can_pair), int(round(cfg.two_object_fraction * n)))))
+    # Its own stream: with one aspect the other draws (and so the videos) are as before aspects.
+    sizes = cfg.clip_sizes
+    aspect_rng = random.Random(f"{seed}:aspects")
+    clip_size = [sizes[i % len(sizes)] for i in range(n)]
+    aspect_rng.shuffle(clip_size)
     shortest = max(cfg.frames, round(cfg.min_duration * cfg.fps))
     longest = max(shortest, round(cfg.max_duration * cfg.fps))
     records = []
@@ -225,9 +237,9 @@ def _plan(cfg: DataConfig, seed: int) -> list[dict]:
             "fps": cfg.fps,
             "frames": frames,
             "duration": round(frames / cfg.fps, 4),
-            "width": cfg.raw_size,
-            "height": cfg.raw_size,
-            "aspect": "square",
+            "width": cfg.raw_side(clip_size[i][1]),  # the MP4's size; prepare resizes to the clip's
+            "height": cfg.raw_side(clip_size[i][0]),
+            "aspect": aspect_of(*clip_size[i]),
         })
     train = [r for r in records if r["split"] == "train"]
     for r in rng.sample(train, int(round(cfg.caption_fraction * len(train)))):
@@ -270,6 +282,7 @@ def generate(out_dir: Path, cfg: DataConfig, seed: int) -> dict:
         "train": sum(r["split"] == "train" for r in records),
         "heldout": sum(r["split"] == "heldout" for r in records),
         "two_objects": sum(r["objects"] == 2 for r in records),
+        **{f"aspect_{a}": sum(r["aspect"] == a for r in records) for a in ("square", "landscape", "portrait")},
         "mean_frames": round(sum(r["frames"] for r in records) / len(records), 2),
         "caption_visible": sum(r["caption_visible"] for r in records),
         "seconds": round(seconds, 2),

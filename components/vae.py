@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.buckets import Bucket, BucketSampler
 from components.checkpoint import load_model, save_model
 from components.config import Config, VAEConfig
 from components.metrics import psnr, ssim, ssim_map
@@ -346,17 +347,19 @@ def vae_loss(model: VideoVAE, x: torch.Tensor, kl_weight: float,
 
 
 @torch.no_grad()
-def measure_latent_stats(model: VideoVAE, video: torch.Tensor, device: torch.device | str,
+def measure_latent_stats(model: VideoVAE, video: torch.Tensor | list[torch.Tensor], device: torch.device | str,
                          batch_size: int = EVAL_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of the posterior means of uint8 clips (N, 3, T, H, W)."""
+    """Per-channel mean and std of the posterior means of uint8 clips (N, 3, T, H, W), or of
+    several such tensors of different shapes (native sizes: every latent position counts once)."""
     s = s2 = None
     n = 0
-    for i in range(0, len(video), batch_size):
-        mu, _ = model.encode(to_unit(video[i:i + batch_size]).to(device))
-        mu = mu.double().transpose(0, 1).flatten(1)  # (c, B*t*h*w)
-        s = mu.sum(1) if s is None else s + mu.sum(1)
-        s2 = mu.pow(2).sum(1) if s2 is None else s2 + mu.pow(2).sum(1)
-        n += mu.shape[1]
+    for group in ([video] if torch.is_tensor(video) else video):
+        for i in range(0, len(group), batch_size):
+            mu, _ = model.encode(to_unit(group[i:i + batch_size]).to(device))
+            mu = mu.double().transpose(0, 1).flatten(1)  # (c, B*t*h*w)
+            s = mu.sum(1) if s is None else s + mu.sum(1)
+            s2 = mu.pow(2).sum(1) if s2 is None else s2 + mu.pow(2).sum(1)
+            n += mu.shape[1]
     mean = s / n
     std = (s2 / n - mean.pow(2)).clamp_min(1e-8).sqrt()
     return mean.float().cpu(), std.float().cpu()
@@ -380,6 +383,26 @@ def recon_metrics(model: VideoVAE, video: torch.Tensor, device: torch.device | s
     return {"psnr": psnr(recon, ref), "ssim": ssim(recon, ref)}
 
 
+def recon_metrics_by_shape(model: VideoVAE, groups: list[tuple[Bucket, torch.Tensor]],
+                           device: torch.device | str) -> dict[str, float]:
+    """`recon_metrics` over clips of several shapes ((bucket, uint8 (n, 3, T, H, W)) each): the
+    mean over clips, each clip weighing the same whatever its shape; with more than one aspect
+    also `psnr_<aspect>` / `ssim_<aspect>` (square, landscape, portrait)."""
+    per: dict[str, list[tuple[int, dict[str, float]]]] = {}
+    for bucket, video in groups:
+        if len(video):
+            per.setdefault(bucket.aspect, []).append((len(video), recon_metrics(model, video, device)))
+
+    def mean(parts: list[tuple[int, dict[str, float]]], key: str) -> float:
+        return sum(n * m[key] for n, m in parts) / sum(n for n, _ in parts)
+
+    every = [p for parts in per.values() for p in parts]
+    out = {k: mean(every, k) for k in ("psnr", "ssim")}
+    if len(per) > 1:
+        out.update({f"{k}_{aspect}": mean(parts, k) for aspect, parts in per.items() for k in ("psnr", "ssim")})
+    return out
+
+
 def load_vae(path: str | Path, device: torch.device | str) -> VideoVAE:
     obj = load_model(path, "vae")
     model = VideoVAE(VAEConfig(**obj["config"]))
@@ -395,33 +418,37 @@ def load_vae(path: str | Path, device: torch.device | str) -> VideoVAE:
 # ----------------------------------------------------------------------------------------------
 
 
-def _split_video(clips, split: str) -> torch.Tensor:
-    idx = [i for i, r in enumerate(clips.rows) if r["split"] == split]
-    return clips.video[idx]
-
-
 def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | None = None,
                   ckpt_dir: Path | None = None, device: torch.device | str = "cpu") -> dict:
-    """Train the VAE on the train clips, measure latent stats, write `model_dir/vae.pt`."""
+    """Train the VAE on the train clips at their native sizes (each batch one shape, a shape's
+    chance its share of the clips: components/buckets.py), measure latent stats over every
+    shape, write `model_dir/vae.pt`."""
     from components.clips import load_clips  # the prepare stage's reader
 
     t0 = time.time()
-    clips = load_clips(Path(clips_dir))
-    train = _split_video(clips, "train")
-    val = _split_video(clips, "val")
-    if len(train) == 0:
+    clips = load_clips(Path(clips_dir), cfg.data.size)
+    train_ids, val_ids = clips.indices("train"), clips.indices("val")
+    if not train_ids:
         raise ValueError(f"{clips_dir} holds no train clips: rerun prepare with more videos")
+    train = clips.native(train_ids)  # [(bucket, manifest indices, uint8 (n, 3, T, H, W))]
+    sampler = BucketSampler([len(ids) for _, ids, _ in train])
     vcfg = cfg.vae
+    for bucket, _, _ in train:
+        bucket.check(vcfg.time_down, vcfg.space_down)
     torch.manual_seed(cfg.seed)
     model = VideoVAE(vcfg).to(device)
 
-    window = vcfg.train_frames or train.shape[2]
+    frames = train[0][2].shape[2]  # every bucket has data.frames frames
+    window = vcfg.train_frames or frames
 
     def batch_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Generator]:
-        idx = torch.randint(len(train), (vcfg.batch_size,), generator=gen)
-        # A seeded window of `window` frames: its first frame is encoded alone, as a clip's is.
-        start = int(torch.randint(0, train.shape[2] - window + 1, (1,), generator=gen))
-        return to_unit(train[idx][:, :, start:start + window]).to(device), gen
+        # One shape draws no bucket: the batches of square-only training, bit for bit.
+        b, idx = sampler.draw(vcfg.batch_size, gen)
+        video = train[b][2][idx]
+        if window < frames:  # a seeded window: its first frame is encoded alone, as a clip's is
+            start = int(torch.randint(0, frames - window + 1, (1,), generator=gen))
+            video = video[:, :, start:start + window]
+        return to_unit(video).to(device), gen
 
     def loss_fn(m: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         x, gen = batch
@@ -429,27 +456,33 @@ def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | No
 
     spec = TrainSpec(steps=vcfg.steps, lr=vcfg.lr, warmup=vcfg.warmup, grad_clip=vcfg.grad_clip,
                      seed=cfg.seed)
+    extra = {"vae": dataclasses.asdict(vcfg), "n_train": len(train_ids)}
+    if len(train) > 1:
+        extra["buckets"] = [str(b) for b, _, _ in train]
     res = fit(model, loss_fn, batch_fn, spec, ckpt_dir=ckpt_dir, log=log, desc="vae",
-              fingerprint_extra={"vae": dataclasses.asdict(vcfg), "n_train": len(train)},
-              samples_per_batch=vcfg.batch_size)
+              fingerprint_extra=extra, samples_per_batch=vcfg.batch_size)
     train_seconds = res.seconds
 
     g = torch.Generator().manual_seed(cfg.seed)
-    stats_idx = torch.randperm(len(train), generator=g)[:STATS_CLIPS]
-    mean, std = measure_latent_stats(model, train[stats_idx], device)
+    stats_idx = torch.randperm(len(train_ids), generator=g)[:STATS_CLIPS].tolist()
+    stats = clips.native([train_ids[k] for k in stats_idx])
+    mean, std = measure_latent_stats(model, [video for _, _, video in stats], device)
     model.latent_mean.copy_(mean)
     model.latent_std.copy_(std)
-    evaluated = val if len(val) else train[stats_idx[:EVAL_BATCH * 4]]
-    metrics = recon_metrics(model, evaluated, device)
+    evaluated = clips.native(val_ids) if val_ids else clips.native([train_ids[k] for k in stats_idx[:EVAL_BATCH * 4]])
+    metrics = recon_metrics_by_shape(model, [(b, video) for b, _, video in evaluated], device)
 
-    data = {"frames": cfg.data.frames, "size": cfg.data.size, "fps": cfg.data.fps}
+    data = {"frames": cfg.data.frames, "size": cfg.data.size, "fps": cfg.data.fps,
+            "buckets": sorted(str(b) for b, _, _ in train)}  # the native shapes it trained on
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     save_model(Path(model_dir) / "vae.pt", "vae", dataclasses.asdict(vcfg), state,
                latent_mean=mean.tolist(), latent_std=std.tolist(), data=data)
     return {
-        "val_psnr": metrics["psnr"],
-        "val_ssim": metrics["ssim"],
-        "val_clips": len(evaluated),
+        "val_psnr": metrics.pop("psnr"),
+        "val_ssim": metrics.pop("ssim"),
+        **{f"val_{k}": v for k, v in metrics.items()},  # per aspect, with more than one
+        "val_clips": sum(len(ids) for _, ids, _ in evaluated),
+        "buckets": len(train),
         "final_loss": res.final_loss,
         "params": sum(p.numel() for p in model.parameters()),
         "train_seconds": train_seconds,

@@ -1,7 +1,7 @@
 """Great Expectations (1.x) checks on the prepared clips' manifest, run through a checkpoint.
 
 The suite states what every later stage assumes of `data/clips/manifest.csv`: one row per unique
-clip, every clip at the configured shape and rate, known splits and attribute words, a
+clip, every clip at the configured length, rate and one of the `data.aspects` sizes, known splits and attribute words, a
 ground-truth caption exactly where training may see it, and sane pixel statistics.
 Great Expectations is imported inside the functions: importing it takes ~5 s.
 """
@@ -41,8 +41,9 @@ def build_suite(cfg: DataConfig) -> Any:
         gxe.ExpectColumnValuesToBeUnique(column="clip_id"),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["shard", "index"]),
         gxe.ExpectColumnValuesToBeInSet(column="frames", value_set=[cfg.frames]),
-        gxe.ExpectColumnValuesToBeInSet(column="height", value_set=[cfg.size]),
-        gxe.ExpectColumnValuesToBeInSet(column="width", value_set=[cfg.size]),
+        # Native sizes: each clip at one of the `data.aspects` sizes (height and width as a pair).
+        gxe.ExpectColumnPairValuesToBeInSet(column_A="height", column_B="width",
+                                            value_pairs_set=[tuple(s) for s in cfg.clip_sizes]),
         gxe.ExpectColumnValuesToBeInSet(column="fps", value_set=[cfg.fps]),
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
         gxe.ExpectColumnDistinctValuesToContainSet(column="split", value_set=["train"]),
@@ -83,6 +84,8 @@ def _describe(result: Any) -> str:
     cfg = result.expectation_config
     kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "row_condition")}
     column = kwargs.pop("column", None) or kwargs.pop("column_list", None)
+    if column is None and "column_A" in kwargs:
+        column = f"({kwargs.pop('column_A')}, {kwargs.pop('column_B')})"
     observed = result.result.get("observed_value")
     if observed is None:
         observed = {

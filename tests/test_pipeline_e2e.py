@@ -58,9 +58,12 @@ def test_every_stage_runs_and_is_tracked(project, first_run):
     dit_run = next(r for r in children if r.data.tags["zoetrope.stage"] == "train_dit")
     history = client.get_metric_history(dit_run.info.run_id, "loss")
     assert len(history) >= 2  # a loss curve, not a single number
-    artifacts = [a.path for a in client.list_artifacts(
-        next(r for r in children if r.data.tags["zoetrope.stage"] == "evaluate").info.run_id, "samples")]
+    evaluate = next(r for r in children if r.data.tags["zoetrope.stage"] == "evaluate")
+    artifacts = [a.path for a in client.list_artifacts(evaluate.info.run_id, "samples")]
     assert any(p.endswith(".gif") for p in artifacts)
+    # The ci profile's three aspects ran through every stage (docs/architecture.md, native sizes).
+    assert {"samples/grid_landscape.gif", "samples/grid_portrait.gif"} <= set(artifacts)
+    assert all(f"vae_psnr_{a}" in evaluate.data.metrics for a in ("square", "landscape", "portrait"))
 
 
 def test_real_gates_do_not_promote_a_seconds_old_model(project, first_run):
