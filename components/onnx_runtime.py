@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -121,6 +123,19 @@ class Limits:
         return list(range(1, self.max_frames + 1, self.time_down))
 
 
+def _bucket_sizes(buckets: list, path: Path) -> tuple[tuple[int, int], ...]:
+    """(height, width) of each "FRAMESxHEIGHTxWIDTH" bucket in bundle.json, distinct, in order."""
+    sizes: list[tuple[int, int]] = []
+    for b in buckets:
+        m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", str(b))
+        if m is None:
+            raise ValueError(f"{path}: bucket {b!r} is not FRAMESxHEIGHTxWIDTH: re-export the bundle")
+        hw = (int(m.group(2)), int(m.group(3)))
+        if hw not in sizes:
+            sizes.append(hw)
+    return tuple(sizes)
+
+
 @dataclass(frozen=True)
 class BundleInfo:
     """`bundle.json`, typed: a missing key fails with its name; `raw` keeps the whole file for /info.
@@ -148,6 +163,7 @@ class BundleInfo:
     patch: tuple[int, int, int]  # DiT patch (t, h, w): latent tokens = t*h*w / prod(patch)
     max_frames: int
     raw: dict
+    sizes: tuple[tuple[int, int], ...] = ()  # (height, width) of the trained clip shapes; () = square `size`
 
     @classmethod
     def load(cls, path: Path) -> BundleInfo:
@@ -186,11 +202,30 @@ class BundleInfo:
             patch=tuple(int(p) for p in patch),  # type: ignore[arg-type]
             max_frames=int(raw.get("max_frames", raw["frames"])),
             raw=raw,
+            sizes=_bucket_sizes(raw.get("buckets") or [], path),
         )
         c = info.latent_channels
         if len(info.latent_mean) != c or len(info.latent_std) != c:
             raise ValueError(f"{path}: latent_mean/latent_std should have {c} values (latent_channels)")
         return info
+
+    @property
+    def aspects(self) -> dict[str, tuple[int, int]]:
+        """"W:H" (reduced) -> (height, width) of each trained clip shape, square first."""
+        sizes = self.sizes or ((self.size, self.size),)
+        out: dict[str, tuple[int, int]] = {}
+        for h, w in sorted(sizes, key=lambda hw: (hw[0] != hw[1], hw)):
+            g = math.gcd(h, w)
+            out.setdefault(f"{w // g}:{h // g}", (h, w))
+        return out
+
+    def size_for_aspect(self, aspect: str) -> tuple[int, int]:
+        """(height, width) of the trained clip shape with this width:height; ValueError names them."""
+        known = self.aspects
+        if aspect not in known:
+            raise ValueError(f"aspect={aspect!r} is invalid: this model was trained on "
+                             f"{', '.join(f'{a} ({w}x{h})' for a, (h, w) in known.items())}; send one of those")
+        return known[aspect]
 
     @property
     def limits(self) -> Limits:
@@ -303,6 +338,24 @@ class OnnxT2V:
     def provider(self) -> str:
         """The provider the DiT really runs on (ORT falls back to CPU if CUDA fails to load)."""
         return self._dit.get_providers()[0]
+
+    @property
+    def aspects(self) -> dict[str, tuple[int, int]]:
+        """"W:H" (reduced) -> (height, width) of each trained clip shape, square first."""
+        sizes = self.sizes or ((self.size, self.size),)
+        out: dict[str, tuple[int, int]] = {}
+        for h, w in sorted(sizes, key=lambda hw: (hw[0] != hw[1], hw)):
+            g = math.gcd(h, w)
+            out.setdefault(f"{w // g}:{h // g}", (h, w))
+        return out
+
+    def size_for_aspect(self, aspect: str) -> tuple[int, int]:
+        """(height, width) of the trained clip shape with this width:height; ValueError names them."""
+        known = self.aspects
+        if aspect not in known:
+            raise ValueError(f"aspect={aspect!r} is invalid: this model was trained on "
+                             f"{', '.join(f'{a} ({w}x{h})' for a, (h, w) in known.items())}; send one of those")
+        return known[aspect]
 
     @property
     def limits(self) -> Limits:

@@ -42,6 +42,8 @@ class BatchKey:
     steps: int
     num_frames: int
     sampler: str
+    height: int | None = None  # None: the bundle's trained square size
+    width: int | None = None
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from components.onnx_runtime import Limits
+from components.onnx_runtime import BundleInfo
 
 MAX_PROMPT_CHARS = 500
 MAX_SEED = 2**31 - 1
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
 FORMATS = ("mp4", "gif")
-ASPECTS = ("1:1",)  # the DiT and VAE are trained on square clips; other aspects are not offered
+ASPECT_PATTERN = r"^[1-9][0-9]{0,2}:[1-9][0-9]{0,2}$"  # "W:H"; which ones a model offers is in its bundle
 
 MAX_BODY_BYTES = 16 * 1024  # a full request is < 2 KB; larger bodies are 413 before parsing
 MAX_CONCURRENCY = 64  # requests in flight per worker; more are 429 (BentoML traffic limit)
@@ -52,8 +52,10 @@ class GenerateRequest(_Strict):
     guidance: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
                                    description="classifier-free guidance scale")
     num_frames: int | None = Field(None, ge=1, description="1 + k*time_down, up to the bundle's maximum")
-    size: int | None = Field(None, ge=1, description="frame side in pixels: the bundle's trained size")
-    aspect: Literal[ASPECTS] = Field("1:1", description="width:height; the model makes square clips")  # type: ignore[valid-type]
+    size: int | None = Field(None, ge=1, description="square frame side in pixels: the bundle's trained size")
+    aspect: str = Field("1:1", pattern=ASPECT_PATTERN,
+                        description="width:height of one of the clip shapes the model trained on "
+                                    "(GET /info lists them, e.g. 1:1, 5:3 landscape, 3:5 portrait)")
     format: Literal[FORMATS] = Field("mp4", description="mp4 (H.264) or gif")  # type: ignore[valid-type]
     expand: bool = Field(False, description="rewrite the prompt into a training-style caption first")
 
@@ -62,13 +64,16 @@ class GenerateRequest(_Strict):
     def _prompt_not_blank(cls, prompt: str) -> str:
         return _not_blank(prompt)
 
-    def check_bundle(self, limits: Limits, size: int) -> None:
-        """Raise ValueError naming the field when the served bundle cannot honour it."""
+    def check_bundle(self, info: BundleInfo) -> tuple[int, int]:
+        """(height, width) to generate at; ValueError naming the field when the served bundle
+        cannot honour the request."""
         if self.num_frames is not None:
-            limits.check_frames(self.num_frames)
-        if self.size is not None and self.size != size:
-            raise ValueError(f"size={self.size} is invalid: this model makes {size}x{size} clips; "
-                             f"omit size or send {size}")
+            info.limits.check_frames(self.num_frames)
+        height, width = info.size_for_aspect(self.aspect)
+        if self.size is not None and (self.aspect != "1:1" or self.size != info.size):
+            raise ValueError(f"size={self.size} is invalid: this model makes {info.size}x{info.size} square clips; "
+                             f"omit size (or send {info.size} with aspect 1:1)")
+        return height, width
 
 
 class ExpandRequest(_Strict):

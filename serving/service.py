@@ -134,13 +134,14 @@ class TextToVideo:
 
     # ---- helpers --------------------------------------------------------------------------
 
-    def check(self, request: GenerateRequest) -> None:
-        """ValueError naming the field when this bundle cannot honour the request."""
-        request.check_bundle(self.pipeline.limits, self.pipeline.info.size)
+    def check(self, request: GenerateRequest) -> tuple[int, int]:
+        """(height, width) to generate at; ValueError naming the field when this bundle cannot
+        honour the request."""
+        return request.check_bundle(self.pipeline.info)
 
     async def _video(self, request: GenerateRequest) -> Response:
         try:
-            self.check(request)
+            height, width = self.check(request)
         except ValueError as exc:
             return _error(exc, HTTPStatus.BAD_REQUEST)
         prompt = request.prompt
@@ -151,7 +152,7 @@ class TextToVideo:
                 return _error(exc, HTTPStatus.NOT_IMPLEMENTED)
         info = self.pipeline.info
         key = BatchKey(steps=request.steps or info.steps, num_frames=request.num_frames or info.frames,
-                       sampler=info.sampler)
+                       sampler=info.sampler, height=height, width=width)
         job = Job(prompt=prompt, negative_prompt=request.negative_prompt,
                   seed=0 if request.seed is None else request.seed,
                   guidance=info.guidance if request.guidance is None else request.guidance)
@@ -171,7 +172,7 @@ class TextToVideo:
         return self.pipeline.generate_batch(
             [j.prompt for j in jobs], [j.seed for j in jobs], steps=key.steps,
             guidance=[j.guidance for j in jobs], num_frames=key.num_frames, sampler=key.sampler,
-            negative_prompts=[j.negative_prompt for j in jobs],
+            negative_prompts=[j.negative_prompt for j in jobs], height=key.height, width=key.width,
         )
 
     def readiness(self) -> dict:
@@ -181,6 +182,7 @@ class TextToVideo:
     def info(self) -> dict:
         recent = self.batcher.batch_sizes[-100:]
         return {"source": self.source, **self.pipeline.describe(),
+                "aspects": {a: {"height": h, "width": w} for a, (h, w) in self.pipeline.info.aspects.items()},
                 "batching": {"max_batch_size": self.batcher.max_batch_size, "lanes": self.batcher.lanes,
                              "queued": self.batcher.queued,
                              "recent_batch_sizes": recent}}

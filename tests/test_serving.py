@@ -29,7 +29,7 @@ def runtime(tmp_path_factory) -> OnnxT2V:
 
 @pytest.mark.parametrize("field, value", [
     ("prompt", "a" * (MAX_PROMPT_CHARS + 1)), ("steps", MAX_STEPS + 1), ("guidance", MAX_GUIDANCE + 0.1),
-    ("seed", -1), ("format", "webm"), ("aspect", "4:3"), ("negative_prompt", None),
+    ("seed", -1), ("format", "webm"), ("aspect", "wide"), ("aspect", "0:1"), ("negative_prompt", None),
 ])
 def test_schema_rejects_out_of_range_values_naming_the_field(field, value):
     with pytest.raises(ValidationError) as err:
@@ -40,11 +40,33 @@ def test_schema_rejects_out_of_range_values_naming_the_field(field, value):
 def test_schema_defaults_and_bundle_checks(runtime):
     request = GenerateRequest(prompt="a circle")
     assert (request.format, request.aspect, request.expand, request.negative_prompt) == ("mp4", "1:1", False, "")
-    request.check_bundle(runtime.limits, TINY["size"])  # defaults always fit the bundle
+    side = TINY["size"]
+    assert request.check_bundle(runtime.info) == (side, side)  # defaults always fit the bundle
     with pytest.raises(ValueError, match="size=32"):
-        GenerateRequest(prompt="a", size=32).check_bundle(runtime.limits, TINY["size"])
+        GenerateRequest(prompt="a", size=32).check_bundle(runtime.info)
     with pytest.raises(ValueError, match="num_frames=13"):
-        GenerateRequest(prompt="a", num_frames=13).check_bundle(runtime.limits, TINY["size"])
+        GenerateRequest(prompt="a", num_frames=13).check_bundle(runtime.info)
+    with pytest.raises(ValueError, match="aspect='5:3' is invalid: this model was trained on 1:1"):
+        GenerateRequest(prompt="a", aspect="5:3").check_bundle(runtime.info)
+
+
+def test_aspects_come_from_the_bundles_trained_shapes(runtime, tmp_path):
+    import json
+
+    from components.onnx_runtime import BundleInfo
+
+    raw = json.loads((runtime.bundle_dir / "bundle.json").read_text())
+    raw["buckets"] = ["9x16x16", "9x8x24", "9x24x8", "5x16x16"]
+    (tmp_path / "bundle.json").write_text(json.dumps(raw))
+    info = BundleInfo.load(tmp_path / "bundle.json")
+    assert info.aspects == {"1:1": (16, 16), "1:3": (24, 8), "3:1": (8, 24)}
+    assert GenerateRequest(prompt="a", aspect="3:1").check_bundle(info) == (8, 24)  # landscape: W:H
+    with pytest.raises(ValueError, match="size=16 is invalid"):
+        GenerateRequest(prompt="a", aspect="3:1", size=16).check_bundle(info)
+    raw["buckets"] = ["9x16"]
+    (tmp_path / "bundle.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="bucket '9x16' is not FRAMESxHEIGHTxWIDTH"):
+        BundleInfo.load(tmp_path / "bundle.json")
 
 
 # ----------------------------------------------------------------------------------------------
