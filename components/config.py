@@ -153,7 +153,6 @@ class VAEConfig:
     patch: int = 2  # pixel (un)shuffle factor before the first conv; the rest of space_down is strided
     kl_weight: float = 1e-6
     mse_weight: float = 1.0  # L2 beside the L1 reconstruction loss: PSNR is an L2 measure
-    ssim_weight: float = 0.0  # (1 - SSIM) beside L1/L2: structure on flat backgrounds
     steps: int = 1500
     batch_size: int = 16
     lr: float = 1e-3

@@ -23,8 +23,8 @@ def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int = 7,
              sigma: float = 1.5) -> torch.Tensor:
-    """Per-window SSIM (Wang et al. 2004) of every frame and channel, in x's dtype, differentiable
-    (the VAE's loss uses it); Gaussian window, valid padding.
+    """Per-window SSIM (Wang et al. 2004) of every frame and channel, in x's dtype; Gaussian
+    window, valid padding.
 
     A 7-pixel window (not the paper's 11) because our frames are only 32 pixels wide.
     """

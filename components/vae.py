@@ -28,7 +28,7 @@ from torch import nn
 from components.buckets import Bucket, BucketSampler
 from components.checkpoint import load_model, save_model
 from components.config import Config, VAEConfig
-from components.metrics import psnr, ssim, ssim_map
+from components.metrics import psnr, ssim
 from components.trainer import LogFn, TrainSpec, fit
 
 STATS_CLIPS = 1024  # training clips whose posterior means give the latent mean / std
@@ -325,19 +325,13 @@ class VideoVAE(nn.Module):
 
 def vae_loss(model: VideoVAE, x: torch.Tensor, kl_weight: float,
              generator: torch.Generator | None = None,
-             mse_weight: float = 0.0, ssim_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+             mse_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     recon, mu, logvar = model(x, generator)
     l1 = (recon - x).abs().mean()
     mse = (recon - x).pow(2).mean()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     loss = l1 + mse_weight * mse + kl_weight * kl
     metrics = {"l1": float(l1.detach()), "mse": float(mse.detach()), "kl": float(kl.detach())}
-    if ssim_weight > 0:
-        # Structural term (no downloaded weights): L1/L2 leave faint ripples on flat backgrounds
-        # that cost little error but most of the SSIM, which compares local structure.
-        s = ssim_map(recon, x).mean()
-        loss = loss + ssim_weight * (1.0 - s)
-        metrics["ssim"] = float(s.detach())
     return loss, metrics
 
 
@@ -452,7 +446,7 @@ def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | No
 
     def loss_fn(m: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         x, gen = batch
-        return vae_loss(m, x, vcfg.kl_weight, gen, vcfg.mse_weight, vcfg.ssim_weight)
+        return vae_loss(m, x, vcfg.kl_weight, gen, vcfg.mse_weight)
 
     spec = TrainSpec(steps=vcfg.steps, lr=vcfg.lr, warmup=vcfg.warmup, grad_clip=vcfg.grad_clip,
                      seed=cfg.seed)
