@@ -86,8 +86,9 @@ class Clips:
             picked.setdefault(where[int(i)][0], []).append(int(i))
         out = []
         for shape, ids in picked.items():
-            video = self.groups[shape][1]
-            out.append((Bucket(*shape), ids, video[[where[i][1] for i in ids]]))
+            all_ids, video = self.groups[shape]
+            # The whole group in its order (encode, one-shape data): the tensor itself, no copy.
+            out.append((Bucket(*shape), ids, video if ids == all_ids else video[[where[i][1] for i in ids]]))
         return out
 
     def indices(self, split: str, caption_visible: bool | None = None) -> list[int]:
