@@ -2,7 +2,7 @@
 
   zoetrope run [--profile NAME] [--set section.key=value ...] [--data FOLDER]
                                                                the pipeline flow, in-process
-  zoetrope generate "PROMPT" --out FILE.mp4 [--seed N]         from the champion, via ONNX
+  zoetrope generate "PROMPT" --out FILE.mp4 [--seed N] [--height H --width W]   via ONNX
   zoetrope expand "PROMPT" [--json]                            the long caption generation uses
   zoetrope serve [--port N]                                    the Bento service on localhost
   zoetrope import-model [--version N]                          registry -> BentoML model store
@@ -187,7 +187,8 @@ def cmd_generate(args) -> int:
     runtime = OnnxT2V(bundle_dir)
     try:
         frames = runtime.generate(prompt, seed=args.seed, steps=args.steps,
-                                  guidance=args.guidance, num_frames=args.num_frames)
+                                  guidance=args.guidance, num_frames=args.num_frames,
+                                  height=args.height, width=args.width)
     except ValueError as exc:
         return _fail(str(exc))
     write_video(args.out, frames, runtime.fps)
@@ -371,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=positive, default=None, help="sampling steps (default: bundle's)")
     sp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight")
     sp.add_argument("--num-frames", type=positive, default=None)
+    sp.add_argument("--height", type=positive, default=None,
+                    help="frame height in pixels, a multiple of 8 (default: the trained square size)")
+    sp.add_argument("--width", type=positive, default=None, help="frame width (e.g. --height 24 --width 40: landscape)")
     sp.add_argument("--version", default=None, help="registered model version (default: champion)")
     sp.add_argument("--no-expand", action="store_true",
                     help="use the prompt as written (default: expand it to a long caption first)")
