@@ -340,24 +340,6 @@ class OnnxT2V:
         return self._dit.get_providers()[0]
 
     @property
-    def aspects(self) -> dict[str, tuple[int, int]]:
-        """"W:H" (reduced) -> (height, width) of each trained clip shape, square first."""
-        sizes = self.sizes or ((self.size, self.size),)
-        out: dict[str, tuple[int, int]] = {}
-        for h, w in sorted(sizes, key=lambda hw: (hw[0] != hw[1], hw)):
-            g = math.gcd(h, w)
-            out.setdefault(f"{w // g}:{h // g}", (h, w))
-        return out
-
-    def size_for_aspect(self, aspect: str) -> tuple[int, int]:
-        """(height, width) of the trained clip shape with this width:height; ValueError names them."""
-        known = self.aspects
-        if aspect not in known:
-            raise ValueError(f"aspect={aspect!r} is invalid: this model was trained on "
-                             f"{', '.join(f'{a} ({w}x{h})' for a, (h, w) in known.items())}; send one of those")
-        return known[aspect]
-
-    @property
     def limits(self) -> Limits:
         return self.info.limits
 
