@@ -273,14 +273,18 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     # 2. The judge: real one-object train clips plus reconstructions of half of them. It grades
     # one-object prompts, and a second object would make its labels (the first's) ambiguous.
     # A fixed-size classifier: it sees the square view of real clips and of reconstructions.
-    train_idx = [i for i, r in enumerate(rows) if r["split"] == "train" and _one_object(r)]
+    # It grades square generations, so it learns from square clips where the data has them: a
+    # landscape clip squeezed into a square turns circles into ellipses (with all three aspects
+    # its shape accuracy on unseen real clips fell from 0.98 to 0.92).
+    graded = _graded_rows(rows, cfg.data.size)
+    train_idx = [i for i, r in enumerate(rows) if r["split"] == "train" and graded(r)]
     recon_idx = train_idx[::2]
     _, recon = reconstruct_native(recon_idx)
     judge_video = torch.cat([clips.video[train_idx], recon])
     labels = {a: [rows[i][a] for i in train_idx] + [rows[i][a] for i in recon_idx] for a in world.GRADED}
     judge = train_judge(judge_video, labels, cfg.eval, cfg.seed, log=_prefixed(log, "judge/"),
                         ckpt_dir=ckpt_dir)
-    single = [k for k, i in enumerate(unseen) if _one_object(rows[i])]
+    single = [k for k, i in enumerate(unseen) if graded(rows[i])]
     unseen_labels = {a: [rows[unseen[k]][a] for k in single] for a in world.GRADED}
     for name, video in (("real", real_unseen[single]), ("recon", recon_unseen[single])):
         for attr, acc in judge.accuracy(video, unseen_labels).items():
@@ -459,6 +463,13 @@ def report_markdown(report: dict) -> str:
     for aspect in report.get("aspect_samples", []):  # seen prompts at the data's other native sizes
         lines.append(f"![{aspect}](samples/grid_{aspect}.gif)")
     return "\n".join(lines) + "\n"
+
+
+def _graded_rows(rows: list[dict], size: int):
+    """The test for clips like the ones the judge grades: one object, square `size` x `size` (or
+    any shape when the data holds no square clip: the judge then sees square views of them)."""
+    square = any((r["height"], r["width"]) == (size, size) for r in rows)
+    return lambda r: _one_object(r) and (not square or (r["height"], r["width"]) == (size, size))
 
 
 def _one_object(row: dict) -> bool:

@@ -439,7 +439,8 @@ def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | No
         # One shape draws no bucket: the batches of square-only training, bit for bit.
         b, idx = sampler.draw(vcfg.batch_size, gen)
         video = train[b][2][idx]
-        if window < frames:  # a seeded window: its first frame is encoded alone, as a clip's is
+        whole = step >= vcfg.steps - vcfg.full_clip_steps  # the last steps see whole clips
+        if window < frames and not whole:  # a seeded window: its first frame is encoded alone, as a clip's is
             start = int(torch.randint(0, frames - window + 1, (1,), generator=gen))
             video = video[:, :, start:start + window]
         return to_unit(video).to(device), gen
