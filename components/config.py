@@ -162,15 +162,15 @@ class VAEConfig:
     # is convolutional and causal, so a shorter window teaches it the same mapping at a fraction of
     # the cost per step; it is still evaluated (and used) on whole clips.
     train_frames: int = 0
-    # The last steps train on whole clips: windows never show the later latent frames, which a
-    # causal VAE tells apart from the first (their frames came out blurrier without these steps).
-    full_clip_steps: int = 0
+    # The share of the steps, at the end, that trains on whole clips: windows never show the later
+    # latent frames, which a causal VAE tells apart from the first (blurrier without these steps).
+    full_clip_fraction: float = 0.0
 
     def validate(self) -> None:
         _check(self.train_frames == 0 or (self.train_frames - 1) % self.time_down == 0, "vae.train_frames",
                self.train_frames, f"use 0 (whole clips) or 1 + k * vae.time_down ({self.time_down}) frames")
-        _check(0 <= self.full_clip_steps <= self.steps, "vae.full_clip_steps", self.full_clip_steps,
-               f"use 0 to vae.steps ({self.steps})")
+        _check(0.0 <= self.full_clip_fraction <= 1.0, "vae.full_clip_fraction", self.full_clip_fraction,
+               "use a share of the steps in [0, 1]")
         _check(self.time_down in (1, 2, 4), "vae.time_down", self.time_down, "use 1, 2 or 4")
         _check(self.space_down in (4, 8), "vae.space_down", self.space_down, "use 4 or 8")
         _check(self.patch in (1, 2, 4) and self.patch <= self.space_down, "vae.patch", self.patch,

@@ -434,12 +434,13 @@ def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | No
 
     frames = train[0][2].shape[2]  # every bucket has data.frames frames
     window = vcfg.train_frames or frames
+    whole_from = vcfg.steps - round(vcfg.full_clip_fraction * vcfg.steps)
 
     def batch_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Generator]:
         # One shape draws no bucket: the batches of square-only training, bit for bit.
         b, idx = sampler.draw(vcfg.batch_size, gen)
         video = train[b][2][idx]
-        whole = step >= vcfg.steps - vcfg.full_clip_steps  # the last steps see whole clips
+        whole = step >= whole_from  # the last steps see whole clips
         if window < frames and not whole:  # a seeded window: its first frame is encoded alone, as a clip's is
             start = int(torch.randint(0, frames - window + 1, (1,), generator=gen))
             video = video[:, :, start:start + window]

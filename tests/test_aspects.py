@@ -66,11 +66,11 @@ def test_aspects_are_validated_naming_the_fix(aspects, message):
         resolve(raw)
 
 
-def test_default_profile_stays_square_and_ci_has_three_aspects():
+def test_default_and_ci_profiles_have_three_aspects():
     from components.config import load
 
     root = Path(__file__).resolve().parents[1]
-    assert load(root / "params.yaml").data.clip_sizes == [(32, 32)]
+    assert load(root / "params.yaml").data.clip_sizes == [(32, 32), (24, 40), (40, 24)]
     assert load(root / "params.yaml", "ci").data.clip_sizes == [(32, 32), (24, 40), (40, 24)]
     assert DataConfig(size=16).clip_sizes == [(16, 16)]  # no aspects: the square data.size
 

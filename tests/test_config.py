@@ -37,7 +37,7 @@ def test_params_yaml_mirrors_dataclasses_key_for_key():
     ({"dit": {"steps": "many"}}, "dit.steps='many' should be int"),
     ({"data": {"frames": 16}}, "data.frames=16 is invalid"),
     ({"vae": {"train_frames": 8}}, "vae.train_frames=8 is invalid"),
-    ({"vae": {"full_clip_steps": -1}}, "vae.full_clip_steps=-1 is invalid"),
+    ({"vae": {"full_clip_fraction": 1.5}}, "vae.full_clip_fraction=1.5 is invalid"),
     ({"data": {"frames": 9}, "vae": {"train_frames": 13}}, "vae.train_frames=13 is invalid: use at most data.frames"),
     ({"sample": {"sampler": "ddim"}}, "sample.sampler='ddim' is invalid"),
 ])

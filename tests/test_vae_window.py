@@ -44,7 +44,7 @@ def test_vae_trains_on_windows_and_is_measured_on_whole_clips(clips, tmp_path, m
     assert out["val_clips"] > 0 and out["val_psnr"] > 0
 
 
-def test_the_last_full_clip_steps_train_on_whole_clips(clips, tmp_path, monkeypatch):
+def test_the_last_steps_train_on_whole_clips(clips, tmp_path, monkeypatch):
     seen: list[int] = []
     real_loss = vae_module.vae_loss
 
@@ -54,7 +54,7 @@ def test_the_last_full_clip_steps_train_on_whole_clips(clips, tmp_path, monkeypa
 
     monkeypatch.setattr(vae_module, "vae_loss", spy)
     cfg = Config(data=DATA, vae=VAEConfig(base_channels=8, latent_channels=4, steps=6, batch_size=4, warmup=1,
-                                          train_frames=5, full_clip_steps=2))
+                                          train_frames=5, full_clip_fraction=1 / 3))
     cfg.validate()
     vae_module.run_train_vae(clips, tmp_path / "vae", cfg)
     assert seen[-6:] == [5, 5, 5, 5, 9, 9]
