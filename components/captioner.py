@@ -47,59 +47,6 @@ def to_float(video: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def kept_frames(frames: int) -> int:
-    """How many frames of a clip of `frames` the encoder reads (every FRAME_STEP-th)."""
-    return len(range(0, frames, FRAME_STEP))
-
-
-class ObjectSlots(nn.Module):
-    """Per-frame feature maps -> a first- and a second-object token (B, 2, D) and per-colour
-    presence logits (B, C), for clips with one or two objects.
-
-    A single amax-pooled appearance token mixes two objects' colour and shape (the one-token
-    encoder named the second object near chance and lost the first's shape), so each colour of
-    `world.COLORS` gets a learned query that, in every kept frame, attends over the frame's
-    positions: keys from the features, values the features plus a learned position embedding, so
-    the pooled slot carries the object's look and where it is; a small MLP over the frames turns
-    the per-frame read-outs into the slot (shape, size, trajectory). The caption names the objects
-    in colour order (world.py), a rule the video shows, so the ordering is built in rather than
-    learned: with presence p_c, the first-object token weighs slot c by p_c * P(no earlier colour
-    present) and the second by p_c * P(exactly one earlier colour present).
-    """
-
-    def __init__(self, width: int, frames: int, positions: int):
-        super().__init__()
-        colors = len(world.COLORS)
-        self.query = nn.Parameter(torch.randn(colors, width) * width**-0.5)
-        self.key = nn.Linear(width, width)
-        self.value = nn.Linear(width, width)
-        self.pos = nn.Parameter(torch.randn(1, 1, positions, width) * 0.02)
-        self.mix = nn.Sequential(nn.Linear(frames * width, width), nn.GELU(), nn.Linear(width, width))
-        self.color = nn.Parameter(torch.randn(colors, width) * 0.02)  # which colour a slot stands for
-        self.presence = nn.Linear(width, 1)
-
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """frames (B, D, t, h, w) -> object tokens (B, 2, D), presence logits (B, C)."""
-        f = frames.flatten(3).permute(0, 2, 3, 1)  # (B, t, P, D)
-        scores = torch.einsum("cd,btpd->btcp", self.query, self.key(f)) / math.sqrt(f.shape[-1])
-        pooled = torch.einsum("btcp,btpd->btcd", scores.softmax(-1), self.value(f) + self.pos)
-        slots = self.mix(pooled.permute(0, 2, 1, 3).flatten(2)) + self.color  # (B, C, D)
-        logits = self.presence(slots).squeeze(-1)  # (B, C)
-        return order_weights(logits.sigmoid()) @ slots, logits
-
-
-def order_weights(p: torch.Tensor) -> torch.Tensor:
-    """Presence probabilities (B, C) in colour order -> weights (B, 2, C) of the first and the
-    second object: p_c * P(no earlier colour present) and p_c * P(exactly one earlier present)."""
-    none, one = torch.ones_like(p[:, 0]), torch.zeros_like(p[:, 0])
-    first, second = [], []
-    for c in range(p.shape[1]):
-        first.append(p[:, c] * none)
-        second.append(p[:, c] * one)
-        none, one = none * (1 - p[:, c]), one * (1 - p[:, c]) + none * p[:, c]
-    return torch.stack([torch.stack(first, 1), torch.stack(second, 1)], 1)
-
-
 class VideoEncoder(nn.Module):
     """(B, 3, T, H, W) in [-1, 1] -> spacetime tokens (B, N, width).
 
@@ -109,7 +56,7 @@ class VideoEncoder(nn.Module):
     relate the frames' feature maps: the object's motion.
     """
 
-    def __init__(self, width: int, frames: int, size: int, object_slots: bool = False):
+    def __init__(self, width: int, frames: int, size: int):
         super().__init__()
         c = max(8, width // 2)
         self.frame = nn.Sequential(
@@ -124,10 +71,7 @@ class VideoEncoder(nn.Module):
         with torch.no_grad():
             n = self.grid(torch.zeros(1, 3, frames, size, size)).flatten(2).shape[-1]
         self.appearance = nn.Sequential(nn.Linear(width, width), nn.GELU())
-        # With object slots the tokens end in: appearance, first object, second object.
-        self.slots = ObjectSlots(width, kept_frames(frames), (size // 4) ** 2) if object_slots else None
-        self.extra = 3 if object_slots else 1
-        self.pos = nn.Parameter(torch.randn(1, n + self.extra, width) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, n + 1, width) * 0.02)
         self.norm = nn.LayerNorm(width)
 
     def frame_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,18 +86,10 @@ class VideoEncoder(nn.Module):
         return self.spacetime(self.frame_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode(x)[0]
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> tokens (B, N + extra, w) and, with object slots, presence logits (B, colours)."""
         frames = self.frame_features(x)  # (B, w, t, H/4, W/4)
         grid = self.spacetime(frames).flatten(2).transpose(1, 2)  # (B, N, w)
-        tokens = [grid, self.appearance(frames.amax((2, 3, 4))).unsqueeze(1)]  # + (B, 1, w)
-        presence = None
-        if self.slots is not None:
-            objects, presence = self.slots(frames)
-            tokens.append(objects)  # (B, 2, w)
-        return self.norm(torch.cat(tokens, 1) + self.pos), presence
+        pooled = self.appearance(frames.amax((2, 3, 4))).unsqueeze(1)  # (B, 1, w)
+        return self.norm(torch.cat([grid, pooled], 1) + self.pos)  # (B, N + 1, w)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,15 +102,13 @@ def build_vocab(captions: list[str]) -> list[str]:
 
 
 class Captioner(nn.Module):
-    def __init__(self, vocab: list[str], width: int, layers: int, max_words: int, frames: int, size: int,
-                 object_slots: bool = False):
+    def __init__(self, vocab: list[str], width: int, layers: int, max_words: int, frames: int, size: int):
         super().__init__()
-        self.config = dict(width=width, layers=layers, max_words=max_words, frames=frames, size=size,
-                           object_slots=object_slots)
+        self.config = dict(width=width, layers=layers, max_words=max_words, frames=frames, size=size)
         self.vocab = list(vocab)
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.max_len = max_words + 2  # BOS ... EOS
-        self.encoder = VideoEncoder(width, frames, size, object_slots)
+        self.encoder = VideoEncoder(width, frames, size)
         self.embed = nn.Embedding(len(vocab), width)
         self.pos = nn.Parameter(torch.randn(1, self.max_len, width) * 0.02)
         layer = nn.TransformerDecoderLayer(width, HEADS, 4 * width, dropout=0.0, batch_first=True,
@@ -185,10 +119,6 @@ class Captioner(nn.Module):
         # attributes the labelled captions name, they make the encoder carry the shape, which the
         # caption loss alone taught slowly (0.72 shape accuracy after 600 steps, 0.96 with them).
         self.aux = nn.ModuleDict({a: nn.Linear(width, len(v)) for a, v in world.ATTRIBUTES.items()})
-        # With object slots, the second object's attributes too (from its token; not trained on
-        # one-object clips: the presence logits say how many objects there are).
-        self.aux2 = nn.ModuleDict({a + world.SECOND_SUFFIX: nn.Linear(width, len(world.ATTRIBUTES[a]))
-                                   for a in world.OBJECT_ATTRIBUTES}) if object_slots else None
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Captions -> int64 (B, max_len): BOS, words, EOS, then PAD."""
@@ -206,43 +136,24 @@ class Captioner(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """video float (B, 3, T, H, W), tokens (B, L) -> next-word logits (B, L, V) and the
         auxiliary attribute logits {attribute: (B, values)}."""
-        memory, presence = self.encoder.encode(video)  # (B, N + extra, D)
+        memory = self.encoder(video)  # (B, N + 1, D)
         L = tokens.shape[1]
         h = self.embed(tokens) + self.pos[:, :L]  # (B, L, D)
         causal = nn.Transformer.generate_square_subsequent_mask(L, device=tokens.device)
         logits = self.head(self.decoder(h, memory, tgt_mask=causal, tgt_is_causal=True))
-        extra = self.encoder.extra
-        appearance, motion = memory[:, -extra], memory[:, :-extra].mean(1)  # (B, D) each
-        if self.aux2 is None:
-            aux = {a: head(motion if a in ("motion", "speed") else appearance)
-                   for a, head in self.aux.items()}
-        else:  # every object attribute from its object's token; the background from the whole clip
-            first, second = memory[:, -2], memory[:, -1]
-            aux = {a: head(appearance if a == "background" else first) for a, head in self.aux.items()}
-            aux.update({a: head(second) for a, head in self.aux2.items()})
-            aux["presence"] = presence
+        appearance, motion = memory[:, -1], memory[:, :-1].mean(1)  # (B, D) each
+        aux = {a: head(motion if a in ("motion", "speed") else appearance)
+               for a, head in self.aux.items()}
         return logits, aux
 
     def attribute_targets(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """int64 (B, L) caption tokens -> {attribute: value index (B,), -100 where not named}:
-        the first object's under the attribute names, the second's under `color2`, ..., and
-        "presence" (B, colours): 1 for each colour the caption names, 0 for the others, -1 on
-        a row whose objects do not all name a colour (unknown)."""
-        keys = [*world.ATTRIBUTES, *world.SECOND_KEYS]
-        out = {a: torch.full((len(tokens),), -100, dtype=torch.long) for a in keys}
-        out["presence"] = torch.full((len(tokens), len(world.COLORS)), -1.0)
-        colors = list(world.COLORS)
+        """int64 (B, L) caption tokens -> {attribute: value index (B,), -100 where not named}."""
+        out = {a: torch.full((len(tokens),), -100, dtype=torch.long) for a in world.ATTRIBUTES}
         for i, row in enumerate(tokens.tolist()):
-            objects = world.parse_objects(" ".join(self.vocab[t] for t in row if t > self.index[UNK]))
-            for k, parsed in enumerate(objects[:2]):
-                suffix = world.SECOND_SUFFIX if k else ""
-                for a, value in parsed.items():
-                    if value is not None and a + suffix in out:
-                        out[a + suffix][i] = world.ATTRIBUTES[a].index(value)
-            if len(objects) <= 2 and all(o["color"] for o in objects):
-                out["presence"][i] = 0.0
-                for o in objects:
-                    out["presence"][i, colors.index(o["color"])] = 1.0
+            parsed = world.parse_caption(" ".join(self.vocab[t] for t in row))
+            for a, value in parsed.items():
+                if value is not None:
+                    out[a][i] = world.ATTRIBUTES[a].index(value)
         return out
 
     @torch.no_grad()
@@ -254,7 +165,7 @@ class Captioner(nn.Module):
         out: list[str] = []
         for start in range(0, len(video), batch_size):
             x = to_float(video[start : start + batch_size].to(device))
-            memory = self.encoder(x)  # (B, N + extra, D)
+            memory = self.encoder(x)  # (B, N, D)
             tokens = torch.full((len(x), 1), self.index[BOS], dtype=torch.long, device=device)
             causal = nn.Transformer.generate_square_subsequent_mask(self.max_len, device=device)
             for step in range(1, self.max_len):
@@ -337,17 +248,12 @@ def caption_loss(model: Captioner, batch: tuple[torch.Tensor, torch.Tensor, torc
     target = tokens[:, 1:]
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=model.index[PAD])
     aux_loss = sum(F.cross_entropy(aux[a], attrs[a], ignore_index=-100) for a in aux
-                   if a != "presence" and (attrs[a] >= 0).any())
-    if "presence" in aux:
-        known = attrs["presence"] >= 0
-        if known.any():
-            aux_loss = aux_loss + F.binary_cross_entropy_with_logits(aux["presence"][known],
-                                                                     attrs["presence"][known])
+                   if (attrs[a] >= 0).any())
     loss = loss + AUX_WEIGHT * aux_loss
     with torch.no_grad():
         mask = target != model.index[PAD]
         acc = ((logits.argmax(-1) == target) & mask).sum() / mask.sum()
-    return loss, {"token_acc": float(acc), "aux_loss": float(aux_loss.detach())}
+    return loss, {"token_acc": float(acc), "aux_loss": float(aux_loss)}
 
 
 def train_captioner(
@@ -366,8 +272,7 @@ def train_captioner(
                          f"{len(captions)} captions: raise data.caption_fraction or data.num_videos")
     torch.manual_seed(seed)
     _, _, frames, size, _ = video.shape
-    model = Captioner(build_vocab(captions), cfg.width, cfg.layers, cfg.max_words, frames, size,
-                      cfg.object_slots).to(device)
+    model = Captioner(build_vocab(captions), cfg.width, cfg.layers, cfg.max_words, frames, size).to(device)
     tokens = model.tokenize(captions)
 
     def batch_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

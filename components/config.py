@@ -139,9 +139,6 @@ class CaptionConfig:
     lr: float = 2e-3
     warmup: int = 50
     max_words: int = 24
-    # Per-colour object slots (components/captioner.py ObjectSlots): the encoder hands the decoder
-    # a first- and a second-object token, for clips with one or two objects.
-    object_slots: bool = False
 
     def validate(self) -> None:
         _check(self.steps > 0, "caption.steps", self.steps, "use a positive number of steps")
