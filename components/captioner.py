@@ -328,9 +328,10 @@ def attribute_accuracy(captions: list[str], truth: list[dict]) -> dict[str, floa
 
 
 def evaluate(captions: list[str], rows: list[dict]) -> dict[str, float]:
-    """Attribute accuracy of the first object named (`acc_*`), BLEU-4 against the canonical
-    captions (both objects), and on two-object clips the share naming two objects and the second
-    object's colour / shape / motion accuracy (`objects2_*`)."""
+    """Attribute accuracy of the first object named (`acc_*`, on every clip), BLEU-4 against the
+    canonical captions (both objects), on two-object clips the share naming two objects and the
+    second object's colour / shape / motion accuracy (`objects2_*`), and on one-object clips the
+    share naming one object (`objects1_count`: a captioner that always names two objects is seen)."""
     truth = [{k: r[k] for k in world.ATTRIBUTES} for r in rows]
     out = {f"acc_{k}": v for k, v in attribute_accuracy(captions, truth).items()}
     refs = [world.caption({**t, **{k: r.get(k, "") for k in world.SECOND_KEYS}})
@@ -342,6 +343,9 @@ def evaluate(captions: list[str], rows: list[dict]) -> dict[str, float]:
         out["objects2_count"] = sum(len(p) == 2 for p, _ in pairs) / len(pairs)
         for a in world.GRADED:
             out[f"objects2_{a}"] = sum(len(p) == 2 and p[1][a] == t[a] for p, t in pairs) / len(pairs)
+    singles = [len(world.parse_objects(c)) for c, r in zip(captions, rows) if r.get("objects") == 1]
+    if singles:
+        out["objects1_count"] = sum(n == 1 for n in singles) / len(singles)
     return out
 
 

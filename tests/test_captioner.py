@@ -93,9 +93,12 @@ def test_evaluate_scores_the_first_object_and_reports_the_second():
     row = {"color": "red", "shape": "circle", "motion": "left", "speed": "slow", "size": "small",
            "background": "grey", "objects": 2, "color2": "blue", "shape2": "square",
            "motion2": "still", "speed2": "fast", "size2": "large"}
+    single = {**{k: row[k] for k in world.ATTRIBUTES}, "objects": 1}
     right = world.caption(row)
     wrong_second = right.replace("blue square", "white triangle")
-    scores = evaluate([right, wrong_second], [row, row])
+    scores = evaluate([right, wrong_second, world.caption(single), right], [row, row, single, single])
     assert scores["acc_color"] == scores["acc_shape"] == scores["acc_motion"] == 1.0
     assert scores["objects2_count"] == 1.0 and scores["objects2_color"] == 0.5
     assert scores["objects2_shape"] == 0.5 and scores["objects2_motion"] == 1.0
+    # A second object named on a one-object clip counts against it.
+    assert scores["objects1_count"] == 0.5
