@@ -92,3 +92,28 @@ def make_project(dest: Path) -> Path:
         subprocess.run(cmd, cwd=dest, check=True, env=env)
     (dest / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
     return dest
+
+
+def synth_raw(tmp_path_factory, cfg, seed: int) -> Path:
+    """Synthetic videos of data config `cfg` in a fresh temporary folder (module fixtures)."""
+    from components.synth import generate
+
+    out = tmp_path_factory.mktemp("raw")
+    generate(out, cfg, seed)
+    return out
+
+
+def prepared_clips(tmp_path_factory, raw: Path, cfg, seed: int) -> Path:
+    """`raw` prepared into clips in a fresh temporary folder (module fixtures)."""
+    from components.prepare import prepare
+
+    out = tmp_path_factory.mktemp("clips")
+    prepare(raw, out, cfg, seed)
+    return out
+
+
+def read_metadata(raw: Path) -> list[dict]:
+    """The synth stage's metadata.jsonl records."""
+    import json
+
+    return [json.loads(line) for line in (raw / "metadata.jsonl").read_text().splitlines()]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,10 @@ from components import world
 from components.buckets import Bucket
 from components.clips import load_clips, to_square
 from components.config import ConfigError, DataConfig, resolve
-from components.prepare import nearest_size, prepare, resize_crop
+from components.prepare import nearest_size, resize_crop
 from components.synth import generate, render
 from components.video_io import read_clip, write_video
+from tests.conftest import prepared_clips, read_metadata, synth_raw
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -33,20 +33,12 @@ CFG = DataConfig(num_videos=51, raw_size=32, size=16, frames=9, fps=8, caption_f
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("raw")
-    generate(out, CFG, SEED)
-    return out
+    return synth_raw(tmp_path_factory, CFG, SEED)
 
 
 @pytest.fixture(scope="module")
 def clips_dir(raw, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("clips")
-    prepare(raw, out, CFG, SEED)
-    return out
-
-
-def _metadata(raw: Path) -> list[dict]:
-    return [json.loads(line) for line in (raw / "metadata.jsonl").read_text().splitlines()]
+    return prepared_clips(tmp_path_factory, raw, CFG, SEED)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +73,7 @@ def test_default_and_ci_profiles_have_three_aspects():
 
 
 def test_synth_writes_every_aspect_at_the_scaled_raw_size(raw):
-    records = _metadata(raw)
+    records = read_metadata(raw)
     counts = {a: sum(r["aspect"] == a for r in records) for a in SIZES}
     assert max(counts.values()) - min(counts.values()) <= 1, counts  # balanced
     scale = CFG.raw_size // CFG.size
@@ -99,14 +91,14 @@ def test_synth_with_aspects_is_deterministic_and_keeps_the_square_worlds_draws(r
     again = tmp_path / "again"
     generate(again, dataclasses.replace(CFG, workers=2), SEED)
     assert (again / "metadata.jsonl").read_text() == (raw / "metadata.jsonl").read_text()
-    records = _metadata(raw)
+    records = read_metadata(raw)
     for aspect in SIZES:
         rec = next(r for r in records if r["aspect"] == aspect)
         assert (again / rec["file"]).read_bytes() == (raw / rec["file"]).read_bytes()
     square = tmp_path / "square"
     generate(square, dataclasses.replace(CFG, aspects=(), num_videos=CFG.num_videos), SEED)
     frame = {"width", "height", "aspect"}
-    for a, b in zip(records, _metadata(square)):
+    for a, b in zip(records, read_metadata(square)):
         assert {k: v for k, v in a.items() if k not in frame} == {k: v for k, v in b.items() if k not in frame}
         assert (b["width"], b["height"], b["aspect"]) == (CFG.raw_size, CFG.raw_size, "square")
 
@@ -135,7 +127,7 @@ def test_objects_stay_whole_inside_a_landscape_or_portrait_frame(height, width):
 
 def test_prepare_keeps_each_clip_at_its_aspects_native_size(raw, clips_dir):
     clips = load_clips(clips_dir, CFG.size)
-    meta = {r["id"]: r for r in _metadata(raw)}
+    meta = {r["id"]: r for r in read_metadata(raw)}
     assert sorted(clips.shapes) == sorted(Bucket(CFG.frames, h, w) for h, w in SIZES.values())
     seen = 0
     for bucket, idx, video in clips.native():

@@ -15,6 +15,7 @@ from components.config import DataConfig
 from components.prepare import MANIFEST_COLUMNS, TooManyBadFiles, prepare
 from components.synth import generate
 from components.video_io import write_video
+from tests.conftest import prepared_clips, read_metadata, synth_raw
 
 SEED = 3
 CFG = DataConfig(num_videos=50, raw_size=32, size=16, frames=9, fps=8, caption_fraction=0.3,
@@ -24,20 +25,12 @@ CFG = DataConfig(num_videos=50, raw_size=32, size=16, frames=9, fps=8, caption_f
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("raw")
-    generate(out, CFG, SEED)
-    return out
+    return synth_raw(tmp_path_factory, CFG, SEED)
 
 
 @pytest.fixture(scope="module")
 def clips(raw, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("clips")
-    prepare(raw, out, CFG, SEED)
-    return out
-
-
-def _metadata(raw: Path) -> list[dict]:
-    return [json.loads(line) for line in (raw / "metadata.jsonl").read_text().splitlines()]
+    return prepared_clips(tmp_path_factory, raw, CFG, SEED)
 
 
 def test_synth_is_deterministic_across_worker_counts(raw, tmp_path):
@@ -45,12 +38,12 @@ def test_synth_is_deterministic_across_worker_counts(raw, tmp_path):
     summary = generate(again, DataConfig(**{**CFG.__dict__, "workers": 2}), SEED)
     assert summary["videos"] == CFG.num_videos
     assert (again / "metadata.jsonl").read_text() == (raw / "metadata.jsonl").read_text()
-    for rec in _metadata(raw)[:10]:
+    for rec in read_metadata(raw)[:10]:
         assert (again / rec["file"]).read_bytes() == (raw / rec["file"]).read_bytes()
 
 
 def test_synth_metadata_contract(raw):
-    records = _metadata(raw)
+    records = read_metadata(raw)
     held = world.heldout_triples(CFG.heldout_fraction, SEED)
     assert len(records) == CFG.num_videos
     colours = list(world.COLORS)
@@ -98,7 +91,7 @@ def test_prepare_writes_shards_and_manifest(raw, clips):
     assert list(data.rows[0]) == list(MANIFEST_COLUMNS)
     assert len(list(clips.glob("shard-*.pt"))) == -(-n // CFG.shard_size)
     assert json.loads((clips / "quarantine.json").read_text()) == []
-    meta = {r["id"]: r for r in _metadata(raw)}
+    meta = {r["id"]: r for r in read_metadata(raw)}
     for row in data.rows:
         rec = meta[row["clip_id"]]
         assert row["split"] == rec["split"] or (rec["split"], row["split"]) == ("train", "val")
@@ -114,7 +107,7 @@ def test_prepare_writes_shards_and_manifest(raw, clips):
 def _break_some(raw: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     broken = tmp_path / "raw"
     shutil.copytree(raw, broken)
-    files = [r["file"] for r in _metadata(broken)]
+    files = [r["file"] for r in read_metadata(broken)]
     (broken / files[0]).write_bytes(b"")
     (broken / files[1]).write_bytes(b"this is not a video at all" * 100)
     write_video(broken / files[2], np.zeros((3, 32, 32, 3), np.uint8), fps=8)  # 3 of 9 frames

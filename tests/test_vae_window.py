@@ -23,16 +23,22 @@ def clips(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("train_frames, expected", [(5, 5), (0, 9)])
-def test_vae_trains_on_windows_and_is_measured_on_whole_clips(clips, tmp_path, monkeypatch, train_frames, expected):
-    seen: list[int] = []
+@pytest.fixture
+def seen(monkeypatch) -> list[int]:
+    """The frame count of every batch the VAE's loss sees (vae_loss wrapped)."""
+    frames: list[int] = []
     real_loss = vae_module.vae_loss
 
     def spy(model, x, *args, **kwargs):
-        seen.append(x.shape[2])
+        frames.append(x.shape[2])
         return real_loss(model, x, *args, **kwargs)
 
     monkeypatch.setattr(vae_module, "vae_loss", spy)
+    return frames
+
+
+@pytest.mark.parametrize("train_frames, expected", [(5, 5), (0, 9)])
+def test_vae_trains_on_windows_and_is_measured_on_whole_clips(clips, tmp_path, seen, train_frames, expected):
     cfg = Config(data=DATA, vae=VAEConfig(base_channels=8, latent_channels=4, steps=6, batch_size=4, warmup=1,
                                           train_frames=train_frames))
     cfg.validate()
@@ -44,15 +50,7 @@ def test_vae_trains_on_windows_and_is_measured_on_whole_clips(clips, tmp_path, m
     assert out["val_clips"] > 0 and out["val_psnr"] > 0
 
 
-def test_the_last_steps_train_on_whole_clips(clips, tmp_path, monkeypatch):
-    seen: list[int] = []
-    real_loss = vae_module.vae_loss
-
-    def spy(model, x, *args, **kwargs):
-        seen.append(x.shape[2])
-        return real_loss(model, x, *args, **kwargs)
-
-    monkeypatch.setattr(vae_module, "vae_loss", spy)
+def test_the_last_steps_train_on_whole_clips(clips, tmp_path, seen):
     cfg = Config(data=DATA, vae=VAEConfig(base_channels=8, latent_channels=4, steps=6, batch_size=4, warmup=1,
                                           train_frames=5, full_clip_fraction=1 / 3))
     cfg.validate()
