@@ -28,6 +28,7 @@ from components import world
 from components.config import Config
 
 LogFn = Callable[[int, dict[str, float]], None]
+SAMPLE_GIFS = 32  # per split, one GIF per prompt; the split's grid shows every generated video
 ASPECT_SAMPLES = 8  # seen prompts generated at each non-square native size, for the report
 
 
@@ -308,7 +309,7 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
         for a, v in adherence(judge.predict(videos), attrs_list).items():
             metrics[f"adherence_{split}_{a}"] = v
         frames = np.ascontiguousarray(videos.permute(0, 2, 3, 4, 1).numpy())  # (B, T, H, W, 3)
-        for i, (prompt, video) in enumerate(zip(prompts, frames)):
+        for i, (prompt, video) in enumerate(zip(prompts[:SAMPLE_GIFS], frames)):
             write_video(samples_dir / f"{split}_{i:02d}_{prompt.replace(' ', '_')[:60]}.gif", video, cfg.data.fps)
         write_video(samples_dir / f"grid_{split}.gif", _grid(frames), cfg.data.fps)
 
