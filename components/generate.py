@@ -42,8 +42,8 @@ class T2VPipeline:
     def shift(self, num_frames: int, height: int | None = None, width: int | None = None) -> float:
         _, t, h, w = self.vae.latent_shape(num_frames, height or self.size, width or self.size)
         trained = getattr(self.dit, "train_config", {})  # the dit: section that trained it
-        return schedule.token_shift(self.dit.num_tokens(t, h, w), trained.get("shift", 1.0),
-                                    trained.get("shift_tokens", 256))
+        return schedule.token_shift(self.dit.num_tokens(t, h, w), trained.get("shift", schedule.LEGACY_SHIFT),
+                                    trained.get("shift_tokens", schedule.LEGACY_SHIFT_TOKENS))
 
     def noise(self, seed: int | Sequence[int], batch: int, num_frames: int, height: int | None = None,
               width: int | None = None) -> torch.Tensor:

@@ -197,8 +197,8 @@ class BundleInfo:
             guidance=float(need("guidance", sample, "sample.")),
             sampler=str(need("sampler", sample, "sample.")),
             shift=None if shift is None else float(shift),
-            shift_base=float(raw.get("shift_base", 1.0)),  # bundles before dit.shift: the old rule's 1
-            shift_tokens=int(raw.get("shift_tokens", 256)),
+            shift_base=float(raw.get("shift_base", schedule.LEGACY_SHIFT)),  # bundles before dit.shift
+            shift_tokens=int(raw.get("shift_tokens", schedule.LEGACY_SHIFT_TOKENS)),
             patch=tuple(int(p) for p in patch),  # type: ignore[arg-type]
             max_frames=int(raw.get("max_frames", raw["frames"])),
             raw=raw,

@@ -10,6 +10,10 @@ import math
 
 import numpy as np
 
+# The shift rule of models trained before `dit.shift` / `dit.shift_tokens` existed (their checkpoints
+# and bundles do not name them): 1 at 256 tokens. Both sampling paths fall back to it.
+LEGACY_SHIFT = 1.0
+LEGACY_SHIFT_TOKENS = 256
 
 def token_shift(num_tokens: int, base_shift: float = 1.0, base_tokens: int = 256) -> float:
     """Timestep shift for `num_tokens` latent tokens: `base_shift` at `base_tokens`, growing as
