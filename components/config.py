@@ -90,7 +90,8 @@ class DataConfig:
         if self.clip_frames:
             _check(max(self.clip_frames) == self.frames, "data.clip_frames", list(self.clip_frames),
                    f"make data.frames ({self.frames}) the longest length: it is the length the captioner, "
-                   f"the judge and evaluation use")
+                   f"the judge and evaluation use (changing data.frames, set data.clip_frames with it, "
+                   f"e.g. [{self.frames}])")
         ratios: dict[float, str] = {}
         for a in self.aspects:
             try:

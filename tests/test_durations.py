@@ -285,5 +285,6 @@ def test_bundle_records_both_lengths_and_serving_accepts_them(vae_dir, trained, 
     assert sorted(meta["buckets"]) == sorted(str(b) for b in SHAPES)
     assert meta["frames"] == meta["max_frames"] == CFG.frames
     (tmp_path / "bundle.json").write_text(json.dumps(meta))
-    limits = BundleInfo.load(tmp_path / "bundle.json").limits
-    assert [limits.check_frames(n) for n in LENGTHS] == list(LENGTHS)
+    info = BundleInfo.load(tmp_path / "bundle.json")
+    assert sorted(info.sizes) == sorted(SIZES.values())  # one size per aspect, whatever its lengths
+    assert [info.limits.check_frames(n) for n in LENGTHS] == list(LENGTHS)
