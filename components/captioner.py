@@ -355,16 +355,17 @@ def evaluate(captions: list[str], rows: list[dict]) -> dict[str, float]:
 
 
 def caption_shard(model_path: Path, clips_dir: Path, shard: str, device: str = "cpu",
-                  size: int | None = None) -> dict:
+                  size: int | None = None, frames: int | None = None) -> dict:
     """Caption every clip of one shard with the saved captioner (the unit a Dask worker runs),
-    seeing the square view of side `size` (`data.size`) it trained on (components/clips.py).
+    seeing the square view of side `size` (`data.size`) and length `frames` (`data.frames`:
+    shorter clips padded with their last frame) it trained on (components/clips.py).
 
     -> {"clip_id": [str], "caption": [str]}, in the shard's order; strings only, so the result is
     cheap to send back from a remote worker.
     """
     model = load_captioner(model_path, device)
     data = torch.load(Path(clips_dir) / shard, map_location="cpu", weights_only=True)
-    return {"clip_id": list(data["clip_id"]), "caption": model.generate(square_shard(data["video"], size))}
+    return {"clip_id": list(data["clip_id"]), "caption": model.generate(square_shard(data["video"], size, frames))}
 
 
 def run_caption_stage(
@@ -383,7 +384,7 @@ def run_caption_stage(
     calls)` (the stage passes a Dask map, flows/shards.py); by default one shard after another.
     """
     t0 = time.time()
-    clips: Clips = load_clips(clips_dir, cfg.data.size)
+    clips: Clips = load_clips(clips_dir, cfg.data.size, cfg.data.frames)
     train = clips.indices("train", caption_visible=True)
     model = train_captioner(clips.video[train], clips.column("caption", train), cfg.caption, cfg.seed,
                             device=device, log=log, ckpt_dir=ckpt_dir)
@@ -392,7 +393,7 @@ def run_caption_stage(
     save_captioner(model, model_path)
 
     calls = [{"model_path": model_path, "clips_dir": Path(clips_dir), "shard": name, "device": str(device),
-              "size": cfg.data.size}
+              "size": cfg.data.size, "frames": cfg.data.frames}
              for name in dict.fromkeys(r["shard"] for r in clips.rows)]
     parts = map_shards(caption_shard, calls) if map_shards else [caption_shard(**kw) for kw in calls]
     by_id = {cid: text for part in parts for cid, text in zip(part["clip_id"], part["caption"], strict=True)}

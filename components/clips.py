@@ -3,9 +3,15 @@
 Native sizes (`Clips.native`): each clip at its own (frames, height, width), grouped by shape, as
 Sora trains. The VAE (training, latent statistics, reconstruction metrics) and encode, and so the
 DiT, see these. The square view (`Clips.video`): every clip resized to `data.size` x `data.size`
-in one uint8 tensor, for the fixed-size classifiers: the captioner and the judge (and the
-evaluation's real-clip statistics beside the judge's square generations). With one square clip
-size, the square view is the native tensor itself.
+and brought to `data.frames` frames in one uint8 tensor, for the fixed-size classifiers: the
+captioner and the judge (and the evaluation's real-clip statistics beside the judge's square
+generations). With one square clip size and one length, the square view is the native tensor itself.
+
+A clip shorter than `data.frames` (`data.clip_frames`) is padded in the square view by repeating
+its last frame: the object stops where the clip ends, nothing is invented (interpolating in time
+would change its speed, looping would make it jump). The captioner trains on and captions these
+views, so it learns that a motion may stop; the judge trains on and grades full-length clips only
+(components/evaluation.py), because it grades generations of `data.frames` frames.
 """
 
 from __future__ import annotations
@@ -23,9 +29,22 @@ SPLITS = ("train", "val", "heldout")
 SQUARE_CHUNK = 256  # clips resized at a time: bounds the float copy
 
 
-def to_square(video: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, 3, T, H, W) -> uint8 (N, 3, T, size, size): each frame resized (antialiased
-    bilinear: area-like when shrinking, smooth when enlarging), aspect not kept, nothing cropped."""
+def pad_frames(video: torch.Tensor, frames: int) -> torch.Tensor:
+    """(N, 3, T, H, W) -> (N, 3, frames, H, W): the last frame repeated (T <= frames)."""
+    t = video.shape[2]
+    if t > frames:
+        raise ValueError(f"clips of {t} frames are longer than the square view's {frames}: "
+                         f"make data.frames the longest of data.clip_frames")
+    if t == frames:
+        return video
+    return torch.cat([video, video[:, :, -1:].expand(-1, -1, frames - t, -1, -1)], dim=2)
+
+
+def to_square(video: torch.Tensor, size: int, frames: int | None = None) -> torch.Tensor:
+    """uint8 (N, 3, T, H, W) -> uint8 (N, 3, frames, size, size): each frame resized (antialiased
+    bilinear: area-like when shrinking, smooth when enlarging), aspect not kept, nothing cropped;
+    a clip shorter than `frames` (default T) padded with its last frame (`pad_frames`)."""
+    video = video if frames is None else pad_frames(video, frames)
     n, c, t, h, w = video.shape
     if (h, w) == (size, size):
         return video
@@ -38,14 +57,20 @@ def to_square(video: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def square_shard(video: torch.Tensor | list[torch.Tensor], size: int | None) -> torch.Tensor:
-    """A shard's `video` (one tensor, or a list of clips of mixed shapes) as its square view;
-    `size` None keeps a one-tensor shard as it is."""
+def square_shard(video: torch.Tensor | list[torch.Tensor], size: int | None,
+                 frames: int | None = None) -> torch.Tensor:
+    """A shard's `video` (one tensor, or a list of clips of mixed shapes) as its square view of
+    `frames` frames (`data.frames`; default the clips' own when they share one length); `size`
+    None keeps a one-tensor shard as it is."""
     if torch.is_tensor(video):
-        return video if size is None else to_square(video, size)
+        return video if size is None else to_square(video, size, frames)
     if size is None:
         raise ValueError("this shard holds clips of several shapes: pass the square view's side (data.size)")
-    return torch.cat([to_square(clip[None], size) for clip in video])
+    lengths = {clip.shape[1] for clip in video}
+    if frames is None and len(lengths) > 1:
+        raise ValueError(f"this shard holds clips of {sorted(lengths)} frames: pass the square view's "
+                         f"length (data.frames)")
+    return torch.cat([to_square(clip[None], size, frames) for clip in video])
 
 
 @dataclass
@@ -54,23 +79,28 @@ class Clips:
     groups: dict[tuple[int, int, int], tuple[list[int], torch.Tensor]]
     rows: list[dict]  # manifest rows; `caption_visible` as bool, numbers as int / float
     size: int  # the square view's side (`data.size`)
+    frames: int = 0  # the square view's length (`data.frames`); 0: the longest clip's
     _square: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.frames = self.frames or max(t for t, _, _ in self.groups)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
     def video(self) -> torch.Tensor:
-        """The square view: uint8 (N, 3, T, size, size), in manifest order (built once)."""
+        """The square view: uint8 (N, 3, frames, size, size), in manifest order (built once);
+        shorter clips padded with their last frame."""
         if self._square is None:
             if len(self.groups) == 1:
                 (_, video), = self.groups.values()
-                self._square = to_square(video, self.size)
+                self._square = to_square(video, self.size, self.frames)
             else:
-                t = next(iter(self.groups))[0]
+                t = self.frames
                 self._square = torch.empty((len(self), 3, t, self.size, self.size), dtype=torch.uint8)
                 for idx, video in self.groups.values():
-                    self._square[idx] = to_square(video, self.size)
+                    self._square[idx] = to_square(video, self.size, t)
         return self._square
 
     @property
@@ -129,11 +159,12 @@ def read_manifest(path: Path) -> list[dict]:
     return rows
 
 
-def load_clips(clips_dir: Path, size: int | None = None) -> Clips:
+def load_clips(clips_dir: Path, size: int | None = None, frames: int | None = None) -> Clips:
     """Group the shards' clips by shape, in manifest order, checking each row points at its clip.
 
     `size`: the square view's side (`data.size`); default the clips' side when they are all one
-    square size (as before native sizes)."""
+    square size (as before native sizes). `frames`: the square view's length (`data.frames`);
+    default the longest clip's."""
     clips_dir = Path(clips_dir)
     rows = read_manifest(clips_dir / "manifest.csv")
     if not rows:
@@ -155,13 +186,14 @@ def load_clips(clips_dir: Path, size: int | None = None) -> Clips:
         raise ValueError(f"{clips_dir / 'manifest.csv'} is not in shard order: rerun the prepare stage")
     groups = _group(parts)
     if size is None:
-        squares = {h for _, h, w in groups if h == w}
-        if len(groups) > 1 or len(squares) != 1:
-            raise ValueError(f"{clips_dir} holds clips of {len(groups)} shapes "
-                             f"({', '.join(str(Bucket(*s)) for s in groups)}): pass the square view's "
+        sides = {(h, w) for _, h, w in groups}  # lengths may differ: the square view pads them
+        squares = {h for h, w in sides if h == w}
+        if len(sides) > 1 or len(squares) != 1:
+            raise ValueError(f"{clips_dir} holds clips of {len(sides)} sizes "
+                             f"(shapes {', '.join(str(Bucket(*s)) for s in groups)}): pass the square view's "
                              f"side, load_clips(clips_dir, cfg.data.size)")
         size = squares.pop()
-    return Clips(groups=groups, rows=rows, size=size)
+    return Clips(groups=groups, rows=rows, size=size, frames=frames or 0)
 
 
 def _group(parts: list[torch.Tensor | list[torch.Tensor]]) -> dict[tuple[int, int, int], tuple[list[int], torch.Tensor]]:

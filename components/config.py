@@ -31,7 +31,7 @@ class DataConfig:
     num_videos: int = 3000  # synthetic videos written by the generator
     raw_size: int = 64  # the generator writes MP4 at this size; prepare resizes to `size`
     size: int = 32  # training clip height and width
-    frames: int = 17  # frames per clip, 1 + 4k so the causal VAE's time axis divides
+    frames: int = 17  # frames per (longest) clip, 1 + 4k so the causal VAE's time axis divides
     fps: int = 8
     caption_fraction: float = 0.2  # share of clips whose ground-truth caption training may see
     heldout_fraction: float = 0.15  # share of colour-shape-motion triples never trained on
@@ -47,6 +47,16 @@ class DataConfig:
     # nearest its aspect ratio. Empty: one square `size` x `size`. `size` stays the side of the
     # square view that the fixed-size captioner and judge see (components/clips.py).
     aspects: tuple[str, ...] = ()
+    # Clip lengths in frames (each 1 + 4k, the longest `frames`): prepare cuts one clip per video,
+    # its length drawn balanced over these entries (seeded), so listing a length twice draws it
+    # twice as often. Empty: every clip `frames` long. `frames` stays the length the captioner
+    # and the judge see and evaluation generates (shorter clips: components/clips.py).
+    clip_frames: tuple[int, ...] = ()
+
+    @property
+    def clip_lengths(self) -> list[int]:
+        """The distinct clip lengths (frames), shortest first."""
+        return sorted(set(self.clip_frames)) or [self.frames]
 
     @property
     def clip_sizes(self) -> list[tuple[int, int]]:
@@ -74,6 +84,14 @@ class DataConfig:
         _check(self.min_duration > 0, "data.min_duration", self.min_duration, "use seconds > 0")
         _check(self.max_duration >= self.min_duration, "data.max_duration", self.max_duration,
                f"use at least data.min_duration ({self.min_duration})")
+        for n in self.clip_frames:
+            _check(n >= 5 and (n - 1) % 4 == 0, "data.clip_frames entry", n,
+                   "use 1 + 4k frames of at least 5 (5, 9, 13, 17): the causal VAE's time_down is 4")
+        if self.clip_frames:
+            _check(max(self.clip_frames) == self.frames, "data.clip_frames", list(self.clip_frames),
+                   f"make data.frames ({self.frames}) the longest length: it is the length the captioner, "
+                   f"the judge and evaluation use (changing data.frames, set data.clip_frames with it, "
+                   f"e.g. [{self.frames}])")
         ratios: dict[float, str] = {}
         for a in self.aspects:
             try:
@@ -343,6 +361,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
             raise ConfigError(f"{name}={value!r} should be a list of strings, e.g. [32x32, 24x40]")
+        return tuple(items)
+    if tp == tuple[int, ...]:
+        items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(items, (list, tuple)) or not all(type(v) is int for v in items):
+            raise ConfigError(f"{name}={value!r} should be a list of integers, e.g. [9, 17]")
         return tuple(items)
     if tp in (int, float, str, bool):
         if type(value) is not tp:

@@ -29,7 +29,7 @@ from components.config import Config
 
 LogFn = Callable[[int, dict[str, float]], None]
 SAMPLE_GIFS = 32  # per split, one GIF per prompt; the split's grid shows every generated video
-ASPECT_SAMPLES = 8  # seen prompts generated at each non-square native size, for the report
+ASPECT_SAMPLES = 8  # seen prompts generated at each other native shape (size, length), for the report
 
 
 @dataclass(frozen=True)
@@ -237,24 +237,24 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     t0 = time.time()
     rng = random.Random(cfg.seed + 101)
     torch.manual_seed(cfg.seed)
-    clips = load_clips(clips_dir, cfg.data.size)
+    clips = load_clips(clips_dir, cfg.data.size, cfg.data.frames)
     vae = load_vae(vae_path, device)
     metrics: dict[str, float] = {}
 
     def reconstruct_native(idx: list[int]) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """Clips `idx` reconstructed at their native sizes -> per shape (aspect, real, recon),
+        """Clips `idx` reconstructed at their native sizes -> per shape (bucket, real, recon),
         both uint8, and every reconstruction's square view in `idx` order (for the judge)."""
         pos = {i: k for k, i in enumerate(idx)}
         square = torch.empty((len(idx), 3, cfg.data.frames, cfg.data.size, cfg.data.size), dtype=torch.uint8)
         shapes = []
         for bucket, ids, real in clips.native(idx):
             recon = to_uint8(vae_reconstruct(vae, real, device))
-            square[[pos[i] for i in ids]] = to_square(recon, cfg.data.size)
-            shapes.append((bucket.aspect, real, recon))
+            square[[pos[i] for i in ids]] = to_square(recon, cfg.data.size, cfg.data.frames)
+            shapes.append((bucket, real, recon))
         return shapes, square
 
     # 1. Reconstruction on clips the VAE never trained on (val + held-out), each at its native
-    # size; the mean over clips, and per aspect when the data has more than one.
+    # size; the mean over clips, and per aspect (per length: `_9f`) when the data has more than one.
     rows = clips.rows
     unseen = [i for i, r in enumerate(rows) if r["split"] in ("val", "heldout")]
     rng.shuffle(unseen)
@@ -262,11 +262,14 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     real_unseen = clips.video[unseen]  # the square view, for the judge
     shapes, recon_unseen = reconstruct_native(unseen)
     per_aspect: dict[str, list[tuple[int, float, float]]] = {}
-    for aspect, real, recon in shapes:
-        per_aspect.setdefault(aspect, []).append(
-            (len(real), psnr(to_unit(recon), to_unit(real)), ssim(to_unit(recon), to_unit(real))))
+    per_length: dict[str, list[tuple[int, float, float]]] = {}
+    for bucket, real, recon in shapes:
+        part = (len(real), psnr(to_unit(recon), to_unit(real)), ssim(to_unit(recon), to_unit(real)))
+        per_aspect.setdefault(bucket.aspect, []).append(part)
+        per_length.setdefault(f"{bucket.frames}f", []).append(part)
     for suffix, parts in [("", [p for ps in per_aspect.values() for p in ps]),
-                          *((f"_{a}", ps) for a, ps in per_aspect.items() if len(per_aspect) > 1)]:
+                          *((f"_{a}", ps) for a, ps in per_aspect.items() if len(per_aspect) > 1),
+                          *((f"_{n}", ps) for n, ps in per_length.items() if len(per_length) > 1)]:
         n = sum(k for k, _, _ in parts)
         metrics[f"vae_psnr{suffix}"] = float(sum(k * p for k, p, _ in parts) / n)
         metrics[f"vae_ssim{suffix}"] = float(sum(k * q for k, _, q in parts) / n)
@@ -276,8 +279,10 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     # A fixed-size classifier: it sees the square view of real clips and of reconstructions.
     # It grades square generations, so it learns from square clips where the data has them: a
     # landscape clip squeezed into a square turns circles into ellipses (with all three aspects
-    # its shape accuracy on unseen real clips fell from 0.98 to 0.92).
-    graded = _graded_rows(rows, cfg.data.size)
+    # its shape accuracy on unseen real clips fell from 0.98 to 0.92). Likewise it learns from
+    # clips of `data.frames` frames, the length it grades: a shorter clip's square view ends on
+    # repeated frames (components/clips.py), a motion that stops, which no generation shows.
+    graded = _graded_rows(rows, cfg.data.size, cfg.data.frames)
     train_idx = [i for i, r in enumerate(rows) if r["split"] == "train" and graded(r)]
     recon_idx = train_idx[::2]
     _, recon = reconstruct_native(recon_idx)
@@ -313,17 +318,21 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
             write_video(samples_dir / f"{split}_{i:02d}_{prompt.replace(' ', '_')[:60]}.gif", video, cfg.data.fps)
         write_video(samples_dir / f"grid_{split}.gif", _grid(frames), cfg.data.fps)
 
-    # 3b. Samples at the data's other native sizes (landscape, portrait): seen prompts generated at
-    # each such clip size, for the report; the judge grades only the square ones above.
+    # 3b. Samples at the data's other native shapes (landscape, portrait; shorter clips): seen
+    # prompts generated at each such clip shape, for the report; the judge grades only the square
+    # ones of data.frames frames above. `grid_<aspect>.gif` at data.frames, `grid_<aspect>_<T>f.gif`
+    # at a shorter length.
     aspect_samples = []
     if "seen" in generated:
         seen_prompts = [world.caption(a) for a in generated["seen"][0][:ASPECT_SAMPLES]]
-        for bucket in sorted(b for b in clips.shapes if b.aspect != "square"):
+        graded_shape = (cfg.data.frames, cfg.data.size, cfg.data.size)
+        for bucket in sorted(b for b in clips.shapes if (b.frames, b.height, b.width) != graded_shape):
             videos = pipe.generate(seen_prompts, seed=cfg.seed, steps=cfg.sample.steps,
                                    guidance=cfg.sample.guidance, num_frames=bucket.frames,
                                    sampler=cfg.sample.sampler, height=bucket.height, width=bucket.width)
-            write_video(samples_dir / f"grid_{bucket.aspect}.gif", _grid(videos), cfg.data.fps)
-            aspect_samples.append(bucket.aspect)
+            name = bucket.aspect if bucket.frames == cfg.data.frames else f"{bucket.aspect}_{bucket.frames}f"
+            write_video(samples_dir / f"grid_{name}.gif", _grid(videos), cfg.data.fps)
+            aspect_samples.append(name)
 
     # 4. Paraphrase robustness: the first seen prompts reworded, as written and as expanded.
     if cfg.eval.paraphrase_prompts and "seen" in generated:
@@ -332,9 +341,10 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
         metrics["paraphrase_seconds"] = time.time() - t1
 
     # 5. Fréchet distance of judge features and temporal consistency, generated against real clips
-    # the judge never trained on; two disjoint real sets of the same size give the distance's floor.
+    # the judge never trained on, of the generations' length (a shorter clip's square view ends
+    # still); two disjoint real sets of the same size give the distance's floor.
     gen_videos = torch.cat([v for _, v in generated.values()])
-    pool = [i for i, r in enumerate(rows) if r["split"] in ("val", "heldout")]
+    pool = [i for i, r in enumerate(rows) if r["split"] in ("val", "heldout") and r["frames"] == cfg.data.frames]
     random.Random(cfg.seed + 202).shuffle(pool)  # its own stream: the prompts above stay as they were
     n = min(len(gen_videos), len(pool) // 2)
     if n >= 2:
@@ -452,6 +462,9 @@ def report_markdown(report: dict) -> str:
               f"| VAE reconstruction PSNR / SSIM (native sizes) | – | {_fmt(m, 'vae_psnr')} dB / {_fmt(m, 'vae_ssim')} |",
               *(f"| VAE reconstruction PSNR / SSIM, {a} clips | – | {_fmt(m, f'vae_psnr_{a}')} dB / "
                 f"{_fmt(m, f'vae_ssim_{a}')} |" for a in ("square", "landscape", "portrait") if f"vae_psnr_{a}" in m),
+              *(f"| VAE reconstruction PSNR / SSIM, {k[len('vae_psnr_'):-1]}-frame clips | – | {_fmt(m, k)} dB / "
+                f"{_fmt(m, 'vae_ssim_' + k[len('vae_psnr_'):])} |"
+                for k in sorted(m, key=lambda k: (len(k), k)) if re.fullmatch(r"vae_psnr_\d+f", k)),
               f"| flow-matching validation loss (fixed timesteps, {_fmt(m, 'flow_val_clips')} clips) | "
               f"{_fmt(m, 'flow_val_loss')} | – |"]
     lines += ["", "## Every metric", "", "| metric | value |", "|---|---|"]
@@ -466,11 +479,14 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _graded_rows(rows: list[dict], size: int):
+def _graded_rows(rows: list[dict], size: int, frames: int | None = None):
     """The test for clips like the ones the judge grades: one object, square `size` x `size` (or
-    any shape when the data holds no square clip: the judge then sees square views of them)."""
+    any shape when the data holds no square clip: the judge then sees square views of them) and
+    `frames` long (or any length when no clip is that long)."""
     square = any((r["height"], r["width"]) == (size, size) for r in rows)
-    return lambda r: _one_object(r) and (not square or (r["height"], r["width"]) == (size, size))
+    full = frames is not None and any(r["frames"] == frames for r in rows)
+    return lambda r: (_one_object(r) and (not square or (r["height"], r["width"]) == (size, size))
+                      and (not full or r["frames"] == frames))
 
 
 def _one_object(row: dict) -> bool:

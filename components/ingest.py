@@ -12,8 +12,10 @@ Two steps, one per DVC stage, so DVC versions the raw input as well as the clips
   (duration, fps, size, codec) and decoded in a process pool, each frame downscaled while
   decoding (`VideoFrame.reformat`, never the whole video at full resolution) and resampled to
   `data.fps`; long videos split at scene cuts (mean frame difference above
-  `ingest.scene_threshold`); each scene gives up to `ingest.max_clips_per_scene` clips of
-  `data.frames` frames; clips below `ingest.min_motion` are dropped and near-duplicates (a
+  `ingest.scene_threshold`); each scene gives up to `ingest.max_clips_per_scene` consecutive
+  clips, each the longest of `data.clip_frames` (default `data.frames`) that the rest of the scene
+  holds (a 26-frame scene: 17 + 9 with [9, 17]; a user's video has no drawn length, its duration
+  decides, so most clips are full length); clips below `ingest.min_motion` are dropped and near-duplicates (a
   perceptual hash within `ingest.dedup_max_distance` bits) kept once. Output: the shards,
   `manifest.csv` (attribute columns empty), `quarantine.json` (every unusable file and its
   reason) and `ingest.json` (each file's probe and what became of it).
@@ -268,28 +270,34 @@ def phash(clip: np.ndarray) -> np.ndarray:
 
 def process_file(job: tuple) -> dict:
     """Worker: one video -> its clips, stats and hashes, or the reason it is unusable."""
-    path, frames, fps, size, icfg = job
+    path, lengths, fps, size, icfg = job  # lengths: data.clip_lengths, shortest first
+    shortest = lengths[0]
     out = {"clips": [], "reason": "", "probe": {}, "filtered": {"motion": 0, "short_scene": 0}}
     try:
         if os.path.getsize(path) == 0:
             raise ValueError("empty file (0 bytes)")
         video, probe = decode_resampled(path, fps, size)  # (N, H, W, 3)
         out["probe"] = probe
-        if len(video) < frames:
-            raise ValueError(f"too short: {len(video) / fps:.2f} s, a clip needs {frames / fps:.2f} s "
-                             f"({frames} frames at {fps} fps)")
+        if len(video) < shortest:
+            raise ValueError(f"too short: {len(video) / fps:.2f} s, a clip needs {shortest / fps:.2f} s "
+                             f"({shortest} frames at {fps} fps)")
         for a, b in scene_bounds(video, icfg.scene_threshold):
-            if b - a < frames:
+            if b - a < shortest:
                 out["filtered"]["short_scene"] += 1
                 continue
-            for k in range(min(icfg.max_clips_per_scene, (b - a) // frames)):
-                start = a + k * frames
+            start = a
+            for _ in range(icfg.max_clips_per_scene):
+                held = [n for n in lengths if n <= b - start]
+                if not held:
+                    break
+                frames = max(held)  # the longest clip the rest of the scene holds
                 clip = np.ascontiguousarray(video[start:start + frames].transpose(3, 0, 1, 2))
+                clip_start, start = start, start + frames
                 stats = clip_stats(clip)
                 if icfg.min_motion > 0 and stats["motion_score"] < icfg.min_motion:
                     out["filtered"]["motion"] += 1
                     continue
-                out["clips"].append({"start": round(start / fps, 3), "clip": clip, "stats": stats,
+                out["clips"].append({"start": round(clip_start / fps, 3), "clip": clip, "stats": stats,
                                      "hash": phash(clip)})
     except ValueError as exc:
         out["reason"] = str(exc)
@@ -314,7 +322,7 @@ def read_sources(raw_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def decode_files(paths: list[str], cfg: DataConfig, icfg: IngestConfig) -> list[dict]:
-    jobs = [(p, cfg.frames, cfg.fps, cfg.clip_sizes, icfg) for p in paths]
+    jobs = [(p, cfg.clip_lengths, cfg.fps, cfg.clip_sizes, icfg) for p in paths]
     workers = cfg.workers or os.cpu_count() or 1
     if workers <= 1 or len(jobs) <= 1:
         return [process_file(j) for j in jobs]

@@ -1,8 +1,9 @@
 """Raw videos -> training clips: decode, resample, resize, crop, shard, and quarantine the broken.
 
 Reads `raw_dir/metadata.jsonl` and cuts it into shards of `data.shard_size` videos; each shard
-(`prepare_shard`, the unit a Dask worker runs) decodes one clip of `data.frames` frames from each
-of its videos (a window drawn per video, seeded: `window_start`), resized to the clip size of
+(`prepare_shard`, the unit a Dask worker runs) decodes one clip from each of its videos, its length
+drawn from `data.clip_frames` (balanced over all videos, seeded: `assign_clip_frames`; one length
+`data.frames` when the list is empty) and its window drawn per video (seeded: `window_start`), resized to the clip size of
 `data.aspects` nearest its aspect ratio (`nearest_size`; the small remainder centre-cropped, never
 padded), and writes `shard-NNNNN.pt` (`{"video": uint8 (N, 3, T, H, W), "clip_id": [str]}`; a
 shard whose clips differ in shape holds the list of its N (3, T, H, W) clips: `shard_video`),
@@ -176,6 +177,27 @@ def assign_splits(records: list[dict], val_fraction: float, seed: int) -> dict[s
     return {r["id"]: "val" if r["id"] in val else r["split"] for r in records}
 
 
+def fits(rec: dict, frames: int, fps: int) -> bool:
+    """Whether a metadata record's video holds a clip of `frames` frames at `fps`."""
+    return round((frames - 1) / fps * float(rec["fps"])) < int(rec["frames"])
+
+
+def assign_clip_frames(records: list[dict], cfg: DataConfig, seed: int) -> dict[str, int]:
+    """clip id -> the length (frames) of the clip cut from its video: the `data.clip_frames`
+    entries tiled over the videos and shuffled (its own seeded stream, over every video so a shard
+    never changes another's draw), so each entry is drawn equally often; a video too short for its
+    draw gets the longest length it holds (one too short for any is quarantined by `load_clip`)."""
+    choices = list(cfg.clip_frames) or [cfg.frames]
+    tiled = [choices[i % len(choices)] for i in range(len(records))]
+    if len(set(choices)) > 1:  # one length draws nothing: the clips of before clip_frames
+        random.Random(f"{seed}:clip_frames").shuffle(tiled)
+    out = {}
+    for rec, frames in zip(records, tiled):
+        held = [n for n in cfg.clip_lengths if n <= frames and fits(rec, n, cfg.fps)]
+        out[rec["id"]] = max(held) if held else frames
+    return out
+
+
 def _decode_all(jobs: list[tuple[str, int, int, list[tuple[int, int]], float]], workers: int) -> list[tuple[np.ndarray | None, str]]:
     if workers <= 1:
         return [_load_job(j) for j in jobs]
@@ -241,9 +263,10 @@ def prepare_shard(raw_dir: Path, out_dir: Path, cfg: DataConfig, seed: int, inde
     """
     every = read_metadata(raw_dir)
     splits = assign_splits(every, cfg.val_fraction, seed)  # over all videos: a shard never moves a split
+    lengths = assign_clip_frames(every, cfg, seed)
     records = every[start:stop]
-    jobs = [(str(Path(raw_dir) / r["file"]), cfg.frames, cfg.fps, cfg.clip_sizes,
-             window_start(r, cfg.frames, cfg.fps, seed)) for r in records]
+    jobs = [(str(Path(raw_dir) / r["file"]), lengths[r["id"]], cfg.fps, cfg.clip_sizes,
+             window_start(r, lengths[r["id"]], cfg.fps, seed)) for r in records]
     rows, clips, quarantine = [], [], []
     for rec, (clip, reason) in zip(records, _decode_all(jobs, workers)):
         if clip is None:

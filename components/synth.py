@@ -9,10 +9,12 @@ order), shape, size, motion and speed; its colour-shape-motion triple is never a
 Videos whose first triple is held out (`world.heldout_triples`) form the "heldout" split, so no
 training video shows a held-out triple in either object.
 
-Videos last between `data.min_duration` and `data.max_duration` seconds (at least one training
-clip); prepare cuts a clip of `data.frames` frames from each. Speeds are pixel rates defined over
-one training clip, so a moving object's video is no longer than it takes to cross the frame
-(`max_frames`: fast objects' videos last one clip).
+Videos last between `data.min_duration` and `data.max_duration` seconds (at least `data.frames`,
+the longest training clip, so every video holds a clip of any `data.clip_frames` length); prepare
+cuts one clip from each, its length drawn from `data.clip_frames`. Speeds are pixel rates defined
+over one training clip of `data.frames` frames (a shorter clip shows the same rate for fewer
+frames), so a moving object's video is no longer than it takes to cross the frame (`max_frames`:
+fast objects' videos last one clip).
 
 Each video's clip size is drawn from `data.aspects` (square, landscape, portrait: balanced like the
 attributes, from its own seeded stream so one aspect leaves every other draw as it was) and the

@@ -381,19 +381,24 @@ def recon_metrics_by_shape(model: VideoVAE, groups: list[tuple[Bucket, torch.Ten
                            device: torch.device | str) -> dict[str, float]:
     """`recon_metrics` over clips of several shapes ((bucket, uint8 (n, 3, T, H, W)) each): the
     mean over clips, each clip weighing the same whatever its shape; with more than one aspect
-    also `psnr_<aspect>` / `ssim_<aspect>` (square, landscape, portrait)."""
+    also `psnr_<aspect>` / `ssim_<aspect>` (square, landscape, portrait), with more than one
+    length `psnr_<frames>f` / `ssim_<frames>f` (e.g. psnr_9f)."""
     per: dict[str, list[tuple[int, dict[str, float]]]] = {}
+    per_length: dict[str, list[tuple[int, dict[str, float]]]] = {}
     for bucket, video in groups:
         if len(video):
-            per.setdefault(bucket.aspect, []).append((len(video), recon_metrics(model, video, device)))
+            part = (len(video), recon_metrics(model, video, device))
+            per.setdefault(bucket.aspect, []).append(part)
+            per_length.setdefault(f"{bucket.frames}f", []).append(part)
 
     def mean(parts: list[tuple[int, dict[str, float]]], key: str) -> float:
         return sum(n * m[key] for n, m in parts) / sum(n for n, _ in parts)
 
     every = [p for parts in per.values() for p in parts]
     out = {k: mean(every, k) for k in ("psnr", "ssim")}
-    if len(per) > 1:
-        out.update({f"{k}_{aspect}": mean(parts, k) for aspect, parts in per.items() for k in ("psnr", "ssim")})
+    for split in (per, per_length):
+        if len(split) > 1:
+            out.update({f"{k}_{name}": mean(parts, k) for name, parts in split.items() for k in ("psnr", "ssim")})
     return out
 
 
@@ -432,14 +437,15 @@ def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | No
     torch.manual_seed(cfg.seed)
     model = VideoVAE(vcfg).to(device)
 
-    frames = train[0][2].shape[2]  # every bucket has data.frames frames
-    window = vcfg.train_frames or frames
     whole_from = vcfg.steps - round(vcfg.full_clip_fraction * vcfg.steps)
 
     def batch_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Generator]:
         # One shape draws no bucket: the batches of square-only training, bit for bit.
         b, idx = sampler.draw(vcfg.batch_size, gen)
         video = train[b][2][idx]
+        # Per bucket (data.clip_frames): a clip no longer than the window is trained on whole.
+        frames = video.shape[2]
+        window = vcfg.train_frames or frames
         whole = step >= whole_from  # the last steps see whole clips
         if window < frames and not whole:  # a seeded window: its first frame is encoded alone, as a clip's is
             start = int(torch.randint(0, frames - window + 1, (1,), generator=gen))

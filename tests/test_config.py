@@ -38,7 +38,9 @@ def test_params_yaml_mirrors_dataclasses_key_for_key():
     ({"data": {"frames": 16}}, "data.frames=16 is invalid"),
     ({"vae": {"train_frames": 8}}, "vae.train_frames=8 is invalid"),
     ({"vae": {"full_clip_fraction": 1.5}}, "vae.full_clip_fraction=1.5 is invalid"),
-    ({"data": {"frames": 9}, "vae": {"train_frames": 13}}, "vae.train_frames=13 is invalid: use at most data.frames"),
+    ({"data": {"frames": 9, "clip_frames": [9]}, "vae": {"train_frames": 13}},
+     "vae.train_frames=13 is invalid: use at most data.frames"),
+    ({"data": {"frames": 9}}, "the longest length: it is the length the captioner"),
     ({"sample": {"sampler": "ddim"}}, "sample.sampler='ddim' is invalid"),
 ])
 def test_bad_values_fail_with_their_name(override, message):

@@ -11,8 +11,8 @@ from tests.conftest import make_project
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = ["data.num_videos=50", "data.raw_size=32", "data.size=16", "data.frames=9", "data.shard_size=16",
-         "dask.enabled=false"]  # the Dask map has its own tests (test_shards.py)
+SMALL = ["data.num_videos=50", "data.raw_size=32", "data.size=16", "data.frames=9", "data.clip_frames=[9]",
+         "data.shard_size=16", "dask.enabled=false"]  # the Dask map has its own tests (test_shards.py)
 DVC_MD5 = "fedcba9876543210fedcba9876543210.dir"
 
 

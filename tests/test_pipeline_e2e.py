@@ -64,6 +64,9 @@ def test_every_stage_runs_and_is_tracked(project, first_run):
     # The ci profile's three aspects ran through every stage (docs/architecture.md, native sizes).
     assert {"samples/grid_landscape.gif", "samples/grid_portrait.gif"} <= set(artifacts)
     assert all(f"vae_psnr_{a}" in evaluate.data.metrics for a in ("square", "landscape", "portrait"))
+    # And its two clip lengths (data.clip_frames): each reconstructed, the shorter one generated.
+    assert all(f"vae_psnr_{n}f" in evaluate.data.metrics for n in (9, 17))
+    assert "samples/grid_square_9f.gif" in artifacts
 
 
 def test_real_gates_do_not_promote_a_seconds_old_model(project, first_run):
