@@ -23,25 +23,22 @@ import torch
 
 from components import config, world
 from components.clips import load_clips
-from components.evaluation import eval_prompts
+from components.evaluation import eval_prompts, judge_training_set
 from components.generate import T2VPipeline
 from components.judge import Judge, train_judge
 from components.train_dit import run_train_dit
-from components.vae import load_vae, reconstruct, to_uint8
+from components.vae import load_vae
 
 
 def judge_for(project: Path, cfg: config.Config, cache: Path) -> Judge:
-    """The evaluation stage's judge: real train clips plus VAE reconstructions of half of them."""
+    """The evaluation stage's judge, trained on the stage's own selection of clips
+    (`components.evaluation.judge_training_set`)."""
     if cache.exists():
         return Judge.load(cache)
-    clips = load_clips(project / "data/clips")
-    rows = clips.rows
+    clips = load_clips(project / "data/clips", cfg.data.size, cfg.data.frames)
     vae = load_vae(project / "models/vae/vae.pt", "cpu")
-    train = [i for i, r in enumerate(rows) if r["split"] == "train"]
-    recon_idx = train[::2]
-    recon = to_uint8(reconstruct(vae, clips.video[recon_idx], "cpu"))
-    labels = {a: [rows[i][a] for i in train] + [rows[i][a] for i in recon_idx] for a in world.GRADED}
-    judge = train_judge(torch.cat([clips.video[train], recon]), labels, cfg.eval, cfg.seed)
+    video, labels = judge_training_set(clips, vae, cfg)
+    judge = train_judge(video, labels, cfg.eval, cfg.seed)
     judge.save(cache)
     return judge
 

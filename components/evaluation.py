@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -226,12 +226,11 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     """Every metric of the stage, the gates and the primary metric; writes `out_dir/report.md` and
     `out_dir/samples/`. `encoded_dir` (data/encoded) adds the flow-matching validation loss and the
     training captions' distribution that prompt expansion fills from."""
-    from components.clips import load_clips, to_square
+    from components.clips import load_clips
     from components.generate import T2VPipeline
     from components.judge import train_judge
     from components.metrics import psnr, ssim
-    from components.vae import load_vae, to_uint8, to_unit
-    from components.vae import reconstruct as vae_reconstruct
+    from components.vae import load_vae, to_unit
     from components.video_io import write_video
 
     t0 = time.time()
@@ -241,18 +240,6 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     vae = load_vae(vae_path, device)
     metrics: dict[str, float] = {}
 
-    def reconstruct_native(idx: list[int]) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """Clips `idx` reconstructed at their native sizes -> per shape (bucket, real, recon),
-        both uint8, and every reconstruction's square view in `idx` order (for the judge)."""
-        pos = {i: k for k, i in enumerate(idx)}
-        square = torch.empty((len(idx), 3, cfg.data.frames, cfg.data.size, cfg.data.size), dtype=torch.uint8)
-        shapes = []
-        for bucket, ids, real in clips.native(idx):
-            recon = to_uint8(vae_reconstruct(vae, real, device))
-            square[[pos[i] for i in ids]] = to_square(recon, cfg.data.size, cfg.data.frames)
-            shapes.append((bucket, real, recon))
-        return shapes, square
-
     # 1. Reconstruction on clips the VAE never trained on (val + held-out), each at its native
     # size; the mean over clips, and per aspect (per length: `_9f`) when the data has more than one.
     rows = clips.rows
@@ -260,7 +247,7 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
     rng.shuffle(unseen)
     unseen = sorted(unseen[: cfg.eval.recon_clips])
     real_unseen = clips.video[unseen]  # the square view, for the judge
-    shapes, recon_unseen = reconstruct_native(unseen)
+    shapes, recon_unseen = reconstruct_native(clips, vae, unseen, cfg, device)
     per_aspect: dict[str, list[tuple[int, float, float]]] = {}
     per_length: dict[str, list[tuple[int, float, float]]] = {}
     for bucket, real, recon in shapes:
@@ -274,22 +261,11 @@ def run_evaluate(clips_dir: Path, vae_path: Path, dit_path: Path, out_dir: Path,
         metrics[f"vae_psnr{suffix}"] = float(sum(k * p for k, p, _ in parts) / n)
         metrics[f"vae_ssim{suffix}"] = float(sum(k * q for k, _, q in parts) / n)
 
-    # 2. The judge: real one-object train clips plus reconstructions of half of them. It grades
-    # one-object prompts, and a second object would make its labels (the first's) ambiguous.
-    # A fixed-size classifier: it sees the square view of real clips and of reconstructions.
-    # It grades square generations, so it learns from square clips where the data has them: a
-    # landscape clip squeezed into a square turns circles into ellipses (with all three aspects
-    # its shape accuracy on unseen real clips fell from 0.98 to 0.92). Likewise it learns from
-    # clips of `data.frames` frames, the length it grades: a shorter clip's square view ends on
-    # repeated frames (components/clips.py), a motion that stops, which no generation shows.
-    graded = _graded_rows(rows, cfg.data.size, cfg.data.frames)
-    train_idx = [i for i, r in enumerate(rows) if r["split"] == "train" and graded(r)]
-    recon_idx = train_idx[::2]
-    _, recon = reconstruct_native(recon_idx)
-    judge_video = torch.cat([clips.video[train_idx], recon])
-    labels = {a: [rows[i][a] for i in train_idx] + [rows[i][a] for i in recon_idx] for a in world.GRADED}
+    # 2. The judge (`judge_training_set`): it grades one-object square generations of data.frames.
+    judge_video, labels = judge_training_set(clips, vae, cfg, device)
     judge = train_judge(judge_video, labels, cfg.eval, cfg.seed, log=_prefixed(log, "judge/"),
                         ckpt_dir=ckpt_dir)
+    graded = _graded_rows(rows, cfg.data.size, cfg.data.frames)
     single = [k for k, i in enumerate(unseen) if graded(rows[i])]
     unseen_labels = {a: [rows[unseen[k]][a] for k in single] for a in world.GRADED}
     for name, video in (("real", real_unseen[single]), ("recon", recon_unseen[single])):
@@ -477,6 +453,46 @@ def report_markdown(report: dict) -> str:
     for aspect in report.get("aspect_samples", []):  # seen prompts at the data's other native sizes
         lines.append(f"![{aspect}](samples/grid_{aspect}.gif)")
     return "\n".join(lines) + "\n"
+
+
+def reconstruct_native(clips, vae, idx: list[int], cfg: Config, device: str | torch.device = "cpu"
+                       ) -> tuple[list[tuple[Any, torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Clips `idx` reconstructed at their native sizes -> per shape (bucket, real, recon), both
+    uint8, and every reconstruction's square view in `idx` order (for the judge)."""
+    from components.clips import to_square
+    from components.vae import reconstruct, to_uint8
+
+    pos = {i: k for k, i in enumerate(idx)}
+    square = torch.empty((len(idx), 3, cfg.data.frames, cfg.data.size, cfg.data.size), dtype=torch.uint8)
+    shapes = []
+    for bucket, ids, real in clips.native(idx):
+        recon = to_uint8(reconstruct(vae, real, device))
+        square[[pos[i] for i in ids]] = to_square(recon, cfg.data.size, cfg.data.frames)
+        shapes.append((bucket, real, recon))
+    return shapes, square
+
+
+def judge_training_set(clips, vae, cfg: Config, device: str | torch.device = "cpu"
+                       ) -> tuple[torch.Tensor, dict[str, list[str]]]:
+    """The judge's training clips (uint8 square views) and labels: real one-object train clips
+    plus VAE reconstructions of half of them (a judge that never saw decoder output under-rates it).
+
+    It grades one-object prompts, and a second object would make its labels (the first's)
+    ambiguous. A fixed-size classifier, it grades square generations, so it learns from square
+    clips where the data has them: a landscape clip squeezed into a square turns circles into
+    ellipses (with all three aspects its shape accuracy on unseen real clips fell from 0.98 to
+    0.92). Likewise it learns from clips of `data.frames` frames, the length it grades: a shorter
+    clip's square view ends on repeated frames (components/clips.py), a motion that stops, which
+    no generation shows.
+    """
+    rows = clips.rows
+    graded = _graded_rows(rows, cfg.data.size, cfg.data.frames)
+    train_idx = [i for i, r in enumerate(rows) if r["split"] == "train" and graded(r)]
+    recon_idx = train_idx[::2]
+    _, recon = reconstruct_native(clips, vae, recon_idx, cfg, device)
+    video = torch.cat([clips.video[train_idx], recon])
+    labels = {a: [rows[i][a] for i in train_idx] + [rows[i][a] for i in recon_idx] for a in world.GRADED}
+    return video, labels
 
 
 def _graded_rows(rows: list[dict], size: int, frames: int | None = None):
