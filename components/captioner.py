@@ -109,6 +109,17 @@ class Captioner(nn.Module):
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.max_len = max_words + 2  # BOS ... EOS
         self.encoder = VideoEncoder(width, frames, size)
+        # The decoder also reads the kept frames' H/4 feature maps, one token per position and
+        # frame: with two objects the H/8 spacetime grid and the clip-wide max-pooled token mix
+        # them, and the decoder must find the named colour's own shape and motion.
+        with torch.no_grad():
+            n_frame = self.encoder.frame_features(torch.zeros(1, 3, frames, size, size)).flatten(2).shape[-1]
+        self.frame_pos = nn.Parameter(torch.randn(1, n_frame, width) * 0.02)
+        self.frame_norm = nn.LayerNorm(width)
+        # A narrow stride-1 3D conv over the kept frames' H/4 maps: motion at each position, bound
+        # to the colour there (the H/8 grid's motion features cover both objects when they are near).
+        self.frame_motion = nn.Sequential(nn.Conv3d(width, width // 4, 3, padding=1), nn.GELU(),
+                                          nn.Conv3d(width // 4, width, 1))
         self.embed = nn.Embedding(len(vocab), width)
         self.pos = nn.Parameter(torch.randn(1, self.max_len, width) * 0.02)
         layer = nn.TransformerDecoderLayer(width, HEADS, 4 * width, dropout=0.0, batch_first=True,
@@ -119,6 +130,13 @@ class Captioner(nn.Module):
         # attributes the labelled captions name, they make the encoder carry the shape, which the
         # caption loss alone taught slowly (0.72 shape accuracy after 600 steps, 0.96 with them).
         self.aux = nn.ModuleDict({a: nn.Linear(width, len(v)) for a, v in world.ATTRIBUTES.items()})
+        # Per-object auxiliary heads: a query per colour attends over all tokens and predicts the
+        # attributes of the object of that colour (both objects of a two-object clip), which the
+        # pooled read-outs above cannot tell apart.
+        self.object_query = nn.Embedding(len(world.COLORS), width)
+        self.object_attend = nn.MultiheadAttention(width, HEADS, batch_first=True)
+        self.object_aux = nn.ModuleDict({a: nn.Linear(width, len(world.ATTRIBUTES[a]))
+                                         for a in OBJECT_AUX})
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Captions -> int64 (B, max_len): BOS, words, EOS, then PAD."""
@@ -132,28 +150,66 @@ class Captioner(nn.Module):
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 
-    def forward(self, video: torch.Tensor, tokens: torch.Tensor
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """float (B, 3, T, H, W) -> the decoder's memory (B, N + 1 + M, D): the spacetime grid's N
+        tokens, the pooled appearance token, then M per-frame H/4 tokens."""
+        enc = self.encoder
+        frames = enc.frame_features(video)  # (B, w, t, H/4, W/4)
+        grid = enc.spacetime(frames).flatten(2).transpose(1, 2)  # (B, N, w)
+        pooled = enc.appearance(frames.amax((2, 3, 4))).unsqueeze(1)  # (B, 1, w)
+        coarse = enc.norm(torch.cat([grid, pooled], 1) + enc.pos)  # as VideoEncoder.forward
+        if not FRAME_TOKENS:
+            return coarse
+        if FINE_MOTION:
+            frames = frames + self.frame_motion(frames)
+        fine = self.frame_norm(frames.flatten(2).transpose(1, 2) + self.frame_pos)  # (B, M, w)
+        return torch.cat([coarse, fine], 1)
+
+    def forward(self, video: torch.Tensor, tokens: torch.Tensor, colors: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """video float (B, 3, T, H, W), tokens (B, L) -> next-word logits (B, L, V) and the
-        auxiliary attribute logits {attribute: (B, values)}."""
-        memory = self.encoder(video)  # (B, N + 1, D)
+        auxiliary attribute logits {attribute: (B, values)}; with `colors` (B, K) (colour indices
+        of the named objects, -100 for none) also {"object_" + attribute: (B, K, values)}."""
+        memory = self.encode(video)
         L = tokens.shape[1]
         h = self.embed(tokens) + self.pos[:, :L]  # (B, L, D)
         causal = nn.Transformer.generate_square_subsequent_mask(L, device=tokens.device)
         logits = self.head(self.decoder(h, memory, tgt_mask=causal, tgt_is_causal=True))
-        appearance, motion = memory[:, -1], memory[:, :-1].mean(1)  # (B, D) each
+        n = self.encoder.pos.shape[1]
+        appearance, motion = memory[:, n - 1], memory[:, : n - 1].mean(1)  # (B, D) each
         aux = {a: head(motion if a in ("motion", "speed") else appearance)
                for a, head in self.aux.items()}
+        if colors is not None:
+            q = self.object_query(colors.clamp(min=0))  # (B, K, D)
+            read, _ = self.object_attend(q, memory, memory, need_weights=False)
+            aux.update({"object_" + a: head(read + q) for a, head in self.object_aux.items()})
         return logits, aux
 
     def attribute_targets(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """int64 (B, L) caption tokens -> {attribute: value index (B,), -100 where not named}."""
-        out = {a: torch.full((len(tokens),), -100, dtype=torch.long) for a in world.ATTRIBUTES}
+        """int64 (B, L) caption tokens -> {attribute: value index (B,), -100 where not named} for
+        the pooled heads, and {"object_" + attribute: (B, 2)} per named object (first, second) for
+        the per-object heads, "object_color" being the query colours.
+
+        On a two-object clip the pooled heads learn only the colour (the first object's is a
+        function of the two colours seen) and the background: the first object's shape, motion,
+        speed and size cannot be read off features pooled over both objects.
+        """
+        b = len(tokens)
+        out = {a: torch.full((b,), -100, dtype=torch.long) for a in world.ATTRIBUTES}
+        out.update({"object_" + a: torch.full((b, 2), -100, dtype=torch.long)
+                    for a in ("color", *OBJECT_AUX)})
         for i, row in enumerate(tokens.tolist()):
-            parsed = world.parse_caption(" ".join(self.vocab[t] for t in row))
-            for a, value in parsed.items():
-                if value is not None:
+            objects = world.parse_objects(" ".join(self.vocab[t] for t in row))[:2]
+            for a, value in objects[0].items():
+                if value is not None and (len(objects) == 1 or a in ("color", "background")
+                                          or not MASK_TWO_OBJECT_AUX):
                     out[a][i] = world.ATTRIBUTES[a].index(value)
+            for k, obj in enumerate(objects):
+                if obj["color"] is None:
+                    continue
+                for a in ("color", *OBJECT_AUX):
+                    if obj[a] is not None:
+                        out["object_" + a][i, k] = world.ATTRIBUTES[a].index(obj[a])
         return out
 
     @torch.no_grad()
@@ -165,7 +221,7 @@ class Captioner(nn.Module):
         out: list[str] = []
         for start in range(0, len(video), batch_size):
             x = to_float(video[start : start + batch_size].to(device))
-            memory = self.encoder(x)  # (B, N, D)
+            memory = self.encode(x)  # (B, N, D)
             tokens = torch.full((len(x), 1), self.index[BOS], dtype=torch.long, device=device)
             causal = nn.Transformer.generate_square_subsequent_mask(self.max_len, device=device)
             for step in range(1, self.max_len):
@@ -208,6 +264,11 @@ MIRROR_WORDS = {"left": "right", "right": "left"}
 REVERSE_WORDS = {"left": "right", "right": "left", "up": "down", "down": "up"}
 MAX_SHIFT = 3  # pixels of random translation
 AUX_WEIGHT = 0.5  # auxiliary attribute loss beside the caption loss
+OBJECT_AUX = ("shape", "motion", "speed", "size")  # what the per-object heads predict
+OBJECT_AUX_WEIGHT = 0.5
+MASK_TWO_OBJECT_AUX = True
+FRAME_TOKENS = True
+FINE_MOTION = False
 WORD_DROPOUT = 0.2  # share of decoder input words replaced by <unk>: the video must carry the caption
 
 
@@ -244,16 +305,26 @@ def caption_loss(model: Captioner, batch: tuple[torch.Tensor, torch.Tensor, torc
                  ) -> tuple[torch.Tensor, dict]:
     video, tokens, drop, attrs = batch
     inputs = torch.where(drop, model.index[UNK], tokens)[:, :-1]
-    logits, aux = model(video, inputs)  # predict word i+1 from words <= i
+    colors = attrs["object_color"] if OBJECT_AUX_WEIGHT > 0 else None
+    logits, aux = model(video, inputs, colors)  # predict word i+1 from words <= i
     target = tokens[:, 1:]
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=model.index[PAD])
-    aux_loss = sum(F.cross_entropy(aux[a], attrs[a], ignore_index=-100) for a in aux
+    aux_loss = sum(F.cross_entropy(aux[a], attrs[a], ignore_index=-100) for a in model.aux
                    if (attrs[a] >= 0).any())
-    loss = loss + AUX_WEIGHT * aux_loss
+    object_loss = sum(F.cross_entropy(aux["object_" + a].flatten(0, 1), attrs["object_" + a].flatten(),
+                                      ignore_index=-100)
+                      for a in (model.object_aux if colors is not None else ())
+                      if (attrs["object_" + a] >= 0).any())
+    loss = loss + AUX_WEIGHT * aux_loss + OBJECT_AUX_WEIGHT * object_loss
     with torch.no_grad():
         mask = target != model.index[PAD]
         acc = ((logits.argmax(-1) == target) & mask).sum() / mask.sum()
-    return loss, {"token_acc": float(acc), "aux_loss": float(aux_loss)}
+    return loss, {"token_acc": float(acc), "aux_loss": _number(aux_loss), "object_loss": _number(object_loss)}
+
+
+def _number(x: torch.Tensor | int) -> float:
+    """A loss term for the log (0 when no clip of the batch had a target for it)."""
+    return float(x.detach()) if torch.is_tensor(x) else float(x)
 
 
 def train_captioner(
@@ -286,7 +357,7 @@ def train_captioner(
     spec = TrainSpec(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, weight_decay=0.01,
                      grad_clip=1.0, seed=seed)
     fit(model, caption_loss, batch_fn, spec, ckpt_dir=ckpt_dir, desc="captioner", log=log,
-        fingerprint_extra={"model": model.config, "data": digest, "n": len(captions)},
+        fingerprint_extra={"model": model.config, "arch": 2, "data": digest, "n": len(captions)},
         samples_per_batch=cfg.batch_size)
     return model.eval()
 
