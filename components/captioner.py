@@ -97,6 +97,41 @@ class VideoEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+class ObjectReader(nn.Module):
+    """Per-frame feature maps (B, w, t, h, w') -> one token per palette colour (B, C, w).
+
+    Each colour's query attends, in each kept frame on its own, over the frame's positions; the
+    attention-weighted centroid per frame is where that colour's object is, and its path (centred
+    on its mean) is the object's motion, bound to its colour by construction. With two objects
+    the conv features' motion is not: a captioner reading them named the other object's motion
+    for the first in half the two-object clips. The token carries the colour, the attended
+    appearance (shape, size), the path and how strongly the colour was found in each frame.
+    """
+
+    def __init__(self, width: int, frames: int, height: int, side: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(len(world.COLORS), width) * width ** -0.5)
+        self.norm = nn.LayerNorm(width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, side), indexing="ij")
+        self.register_buffer("coords", torch.stack([xs.flatten(), ys.flatten()], -1), persistent=False)
+        self.out = nn.Sequential(nn.Linear(2 * width + 3 * frames, width), nn.GELU(), nn.Linear(width, width))
+        self.out_norm = nn.LayerNorm(width)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        f = self.norm(frames.flatten(3).permute(0, 2, 3, 1))  # (B, t, P, w)
+        logits = torch.einsum("btpw,cw->bctp", self.key(f), self.query) * f.shape[-1] ** -0.5
+        attn = logits.softmax(-1)  # (B, C, t, P): where each colour is in each frame
+        centroid = attn @ self.coords  # (B, C, t, 2)
+        path = (centroid - centroid.mean(2, keepdim=True)).flatten(2)  # (B, C, 2t)
+        found = logits.amax(-1)  # (B, C, t)
+        read = torch.einsum("bctp,btpw->bcw", attn, self.value(f)) / f.shape[1]  # (B, C, w)
+        b = f.shape[0]
+        token = torch.cat([read, self.query.expand(b, -1, -1), path, found], -1)
+        return self.out_norm(self.out(token) + self.query)
+
+
 def build_vocab(captions: list[str]) -> list[str]:
     return [*SPECIALS, *sorted({w for c in captions for w in c.lower().split()})]
 
@@ -113,13 +148,10 @@ class Captioner(nn.Module):
         # frame: with two objects the H/8 spacetime grid and the clip-wide max-pooled token mix
         # them, and the decoder must find the named colour's own shape and motion.
         with torch.no_grad():
-            n_frame = self.encoder.frame_features(torch.zeros(1, 3, frames, size, size)).flatten(2).shape[-1]
+            shape = self.encoder.frame_features(torch.zeros(1, 3, frames, size, size)).shape[2:]
+        n_frame = math.prod(shape)  # kept frames x H/4 x W/4
         self.frame_pos = nn.Parameter(torch.randn(1, n_frame, width) * 0.02)
         self.frame_norm = nn.LayerNorm(width)
-        # A narrow stride-1 3D conv over the kept frames' H/4 maps: motion at each position, bound
-        # to the colour there (the H/8 grid's motion features cover both objects when they are near).
-        self.frame_motion = nn.Sequential(nn.Conv3d(width, width // 4, 3, padding=1), nn.GELU(),
-                                          nn.Conv3d(width // 4, width, 1))
         self.embed = nn.Embedding(len(vocab), width)
         self.pos = nn.Parameter(torch.randn(1, self.max_len, width) * 0.02)
         layer = nn.TransformerDecoderLayer(width, HEADS, 4 * width, dropout=0.0, batch_first=True,
@@ -130,11 +162,10 @@ class Captioner(nn.Module):
         # attributes the labelled captions name, they make the encoder carry the shape, which the
         # caption loss alone taught slowly (0.72 shape accuracy after 600 steps, 0.96 with them).
         self.aux = nn.ModuleDict({a: nn.Linear(width, len(v)) for a, v in world.ATTRIBUTES.items()})
-        # Per-object auxiliary heads: a query per colour attends over all tokens and predicts the
-        # attributes of the object of that colour (both objects of a two-object clip), which the
-        # pooled read-outs above cannot tell apart.
-        self.object_query = nn.Embedding(len(world.COLORS), width)
-        self.object_attend = nn.MultiheadAttention(width, HEADS, batch_first=True)
+        # One token per palette colour that follows that colour's object through the frames
+        # (ObjectReader); per-object auxiliary heads on them learn both objects of a two-object
+        # clip, which the pooled read-outs above cannot tell apart.
+        self.objects = ObjectReader(width, *shape)
         self.object_aux = nn.ModuleDict({a: nn.Linear(width, len(world.ATTRIBUTES[a]))
                                          for a in OBJECT_AUX})
 
@@ -151,19 +182,16 @@ class Captioner(nn.Module):
         return out
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """float (B, 3, T, H, W) -> the decoder's memory (B, N + 1 + M, D): the spacetime grid's N
-        tokens, the pooled appearance token, then M per-frame H/4 tokens."""
+        """float (B, 3, T, H, W) -> the decoder's memory (B, N + 1 + M + C, D): the spacetime
+        grid's N tokens, the pooled appearance token, M per-frame H/4 tokens, then one object
+        token per palette colour (C)."""
         enc = self.encoder
         frames = enc.frame_features(video)  # (B, w, t, H/4, W/4)
         grid = enc.spacetime(frames).flatten(2).transpose(1, 2)  # (B, N, w)
         pooled = enc.appearance(frames.amax((2, 3, 4))).unsqueeze(1)  # (B, 1, w)
         coarse = enc.norm(torch.cat([grid, pooled], 1) + enc.pos)  # as VideoEncoder.forward
-        if not FRAME_TOKENS:
-            return coarse
-        if FINE_MOTION:
-            frames = frames + self.frame_motion(frames)
         fine = self.frame_norm(frames.flatten(2).transpose(1, 2) + self.frame_pos)  # (B, M, w)
-        return torch.cat([coarse, fine], 1)
+        return torch.cat([coarse, fine, self.objects(frames)], 1)
 
     def forward(self, video: torch.Tensor, tokens: torch.Tensor, colors: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -180,9 +208,9 @@ class Captioner(nn.Module):
         aux = {a: head(motion if a in ("motion", "speed") else appearance)
                for a, head in self.aux.items()}
         if colors is not None:
-            q = self.object_query(colors.clamp(min=0))  # (B, K, D)
-            read, _ = self.object_attend(q, memory, memory, need_weights=False)
-            aux.update({"object_" + a: head(read + q) for a, head in self.object_aux.items()})
+            objects = memory[:, -len(world.COLORS):]  # (B, C, D)
+            picked = objects.gather(1, colors.clamp(min=0).unsqueeze(-1).expand(-1, -1, objects.shape[-1]))
+            aux.update({"object_" + a: head(picked) for a, head in self.object_aux.items()})
         return logits, aux
 
     def attribute_targets(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -267,8 +295,6 @@ AUX_WEIGHT = 0.5  # auxiliary attribute loss beside the caption loss
 OBJECT_AUX = ("shape", "motion", "speed", "size")  # what the per-object heads predict
 OBJECT_AUX_WEIGHT = 0.5
 MASK_TWO_OBJECT_AUX = True
-FRAME_TOKENS = True
-FINE_MOTION = False
 WORD_DROPOUT = 0.2  # share of decoder input words replaced by <unk>: the video must carry the caption
 
 
