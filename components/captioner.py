@@ -4,9 +4,11 @@ Only a `data.caption_fraction` share of the training clips come with a caption. 
 video-to-text model learns from those and captions every other clip, so the text-to-video model
 trains on a caption for every clip (DALL-E 3 / Sora "re-captioning").
 
-Model: a conv encoder (2D per frame, then 3D) turns a clip into spacetime tokens (B, N, D); a
-small autoregressive transformer decoder over a word vocabulary (built from the training
-captions) cross-attends to them. Greedy decoding. Evaluation parses captions back into attributes (`world.parse_caption`)
+Model: a conv encoder (2D per frame, then 3D) turns a clip into spacetime tokens (B, N, D); the
+decoder's memory adds the kept frames' finer per-frame tokens and one token per palette colour
+that follows that colour's object through the frames (`ObjectReader`), so that with two objects
+it can tell whose shape and motion is whose. A small autoregressive transformer decoder over a
+word vocabulary (built from the training captions) cross-attends to them. Greedy decoding. Evaluation parses captions back into attributes (`world.parse_caption`)
 and scores corpus BLEU-4 against the canonical captions.
 """
 
@@ -119,9 +121,16 @@ class ObjectReader(nn.Module):
         self.out = nn.Sequential(nn.Linear(2 * width + 3 * frames, width), nn.GELU(), nn.Linear(width, width))
         self.out_norm = nn.LayerNorm(width)
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        f = self.norm(frames.flatten(3).permute(0, 2, 3, 1))  # (B, t, P, w)
-        logits = torch.einsum("btpw,cw->bctp", self.key(f), self.query) * f.shape[-1] ** -0.5
+    def where(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> the normed features (B, t, P, w) and each colour's attention logits over each
+        frame's P positions (B, C, t, P)."""
+        f = self.norm(frames.flatten(3).permute(0, 2, 3, 1))
+        return f, torch.einsum("btpw,cw->bctp", self.key(f), self.query) * f.shape[-1] ** -0.5
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> the colour tokens (B, C, w) and how strongly each colour was found in each frame
+        (B, C, t), a logit the presence loss trains: it sharpens the attention onto the object."""
+        f, logits = self.where(frames)
         attn = logits.softmax(-1)  # (B, C, t, P): where each colour is in each frame
         centroid = attn @ self.coords  # (B, C, t, 2)
         path = (centroid - centroid.mean(2, keepdim=True)).flatten(2)  # (B, C, 2t)
@@ -129,7 +138,7 @@ class ObjectReader(nn.Module):
         read = torch.einsum("bctp,btpw->bcw", attn, self.value(f)) / f.shape[1]  # (B, C, w)
         b = f.shape[0]
         token = torch.cat([read, self.query.expand(b, -1, -1), path, found], -1)
-        return self.out_norm(self.out(token) + self.query)
+        return self.out_norm(self.out(token) + self.query), found
 
 
 def build_vocab(captions: list[str]) -> list[str]:
@@ -181,24 +190,25 @@ class Captioner(nn.Module):
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
+    def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """float (B, 3, T, H, W) -> the decoder's memory (B, N + 1 + M + C, D): the spacetime
         grid's N tokens, the pooled appearance token, M per-frame H/4 tokens, then one object
-        token per palette colour (C)."""
+        token per palette colour (C); and the colours' presence logits per frame (B, C, t)."""
         enc = self.encoder
         frames = enc.frame_features(video)  # (B, w, t, H/4, W/4)
         grid = enc.spacetime(frames).flatten(2).transpose(1, 2)  # (B, N, w)
         pooled = enc.appearance(frames.amax((2, 3, 4))).unsqueeze(1)  # (B, 1, w)
         coarse = enc.norm(torch.cat([grid, pooled], 1) + enc.pos)  # as VideoEncoder.forward
         fine = self.frame_norm(frames.flatten(2).transpose(1, 2) + self.frame_pos)  # (B, M, w)
-        return torch.cat([coarse, fine, self.objects(frames)], 1)
+        objects, found = self.objects(frames)
+        return torch.cat([coarse, fine, objects], 1), found
 
     def forward(self, video: torch.Tensor, tokens: torch.Tensor, colors: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """video float (B, 3, T, H, W), tokens (B, L) -> next-word logits (B, L, V) and the
         auxiliary attribute logits {attribute: (B, values)}; with `colors` (B, K) (colour indices
         of the named objects, -100 for none) also {"object_" + attribute: (B, K, values)}."""
-        memory = self.encode(video)
+        memory, found = self.encode(video)
         L = tokens.shape[1]
         h = self.embed(tokens) + self.pos[:, :L]  # (B, L, D)
         causal = nn.Transformer.generate_square_subsequent_mask(L, device=tokens.device)
@@ -211,6 +221,7 @@ class Captioner(nn.Module):
             objects = memory[:, -len(world.COLORS):]  # (B, C, D)
             picked = objects.gather(1, colors.clamp(min=0).unsqueeze(-1).expand(-1, -1, objects.shape[-1]))
             aux.update({"object_" + a: head(picked) for a, head in self.object_aux.items()})
+            aux["presence"] = found
         return logits, aux
 
     def attribute_targets(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -249,7 +260,7 @@ class Captioner(nn.Module):
         out: list[str] = []
         for start in range(0, len(video), batch_size):
             x = to_float(video[start : start + batch_size].to(device))
-            memory = self.encode(x)  # (B, N, D)
+            memory, _ = self.encode(x)  # (B, N, D)
             tokens = torch.full((len(x), 1), self.index[BOS], dtype=torch.long, device=device)
             causal = nn.Transformer.generate_square_subsequent_mask(self.max_len, device=device)
             for step in range(1, self.max_len):
@@ -341,6 +352,14 @@ def caption_loss(model: Captioner, batch: tuple[torch.Tensor, torch.Tensor, torc
                                       ignore_index=-100)
                       for a in (model.object_aux if colors is not None else ())
                       if (attrs["object_" + a] >= 0).any())
+    if colors is not None:  # every colour the caption names is in every frame; no other is
+        named = colors >= 0
+        present = (F.one_hot(colors.clamp(min=0), len(world.COLORS)) * named.unsqueeze(-1)).amax(1).float()
+        labelled = named.any(1)
+        if labelled.any():
+            found = aux["presence"][labelled]
+            object_loss = object_loss + F.binary_cross_entropy_with_logits(
+                found, present[labelled].unsqueeze(-1).expand_as(found))
     loss = loss + AUX_WEIGHT * aux_loss + OBJECT_AUX_WEIGHT * object_loss
     with torch.no_grad():
         mask = target != model.index[PAD]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from components import world
-from components.captioner import (Captioner, build_vocab, caption_loss, corpus_bleu, load_captioner,
+from components.captioner import (Captioner, ObjectReader, build_vocab, caption_loss, corpus_bleu, load_captioner,
                                   run_caption_stage, train_captioner)
 from components.config import CaptionConfig, Config, DataConfig
 from components.prepare import prepare
@@ -89,14 +89,34 @@ def test_two_object_targets_name_each_object_and_spare_the_pooled_heads():
                                          [idx["size"]["large"], -100]]
 
 
-def test_decoder_memory_holds_the_coarse_grid_and_every_kept_frames_tokens():
+def test_decoder_memory_holds_the_grid_every_kept_frames_tokens_and_one_token_per_colour():
     model = Captioner(build_vocab(["a red circle"]), width=16, layers=1, max_words=8, frames=9, size=16)
     video = torch.randn(2, 3, 9, 16, 16)
     coarse = model.encoder(video).shape[1]  # the spacetime grid and the pooled token
     frames = model.encoder.frame_features(video)  # (B, w, 3 kept frames, 4, 4)
-    assert model.encode(video).shape == (2, coarse + frames[0, 0].numel(), 16)
+    memory, found = model.encode(video)
+    assert found.shape == (2, len(world.COLORS), frames.shape[2])
+    assert memory.shape == (2, coarse + frames[0, 0].numel() + len(world.COLORS), 16)
     # The first tokens are the judge-shared encoder's own read-out.
-    torch.testing.assert_close(model.encode(video)[:, :coarse], model.encoder(video))
+    torch.testing.assert_close(memory[:, :coarse], model.encoder(video))
+
+
+def test_object_reader_follows_each_colour_through_the_frames():
+    """A query that picks out one channel at its position: the path runs the way the object moves."""
+    reader = ObjectReader(width=4, frames=3, height=4, side=4)
+    with torch.no_grad():
+        reader.norm.weight.fill_(1.0), reader.norm.bias.zero_()
+        reader.key.weight.copy_(torch.eye(4) * 20), reader.key.bias.zero_()
+        reader.query.zero_()
+        reader.query[0, 0] = 1.0  # colour 0 reads channel 0
+    frames = torch.zeros(1, 4, 3, 4, 4)
+    for t, x in enumerate((0, 1, 3)):  # channel 0 lights up moving right along row 2
+        frames[0, 0, t, 2, x] = 1.0
+    centroid = reader.where(frames)[1].softmax(-1) @ reader.coords  # (1, C, t, 2)
+    xs, ys = centroid[0, 0, :, 0].tolist(), centroid[0, 0, :, 1].tolist()
+    assert xs[0] < xs[1] < xs[2]  # moving right
+    assert max(ys) - min(ys) < 0.05 and ys[0] > 0  # along the same row, below the middle
+    assert reader(frames)[0].shape == (1, len(world.COLORS), 4)
 
 
 def test_tokenize_rejects_long_captions():
