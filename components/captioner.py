@@ -104,10 +104,13 @@ class ObjectReader(nn.Module):
 
     Each colour's query attends, in each kept frame on its own, over the frame's positions; the
     attention-weighted centroid per frame is where that colour's object is, and its path (centred
-    on its mean) is the object's motion, bound to its colour by construction. With two objects
-    the conv features' motion is not: a captioner reading them named the other object's motion
-    for the first in half the two-object clips. The token carries the colour, the attended
-    appearance (shape, size), the path and how strongly the colour was found in each frame.
+    on its mean) the object's motion. The token carries the colour, the attended appearance
+    (shape, size), the path and how strongly the colour was found in each frame; the decoder and
+    per-object auxiliary heads read it. Measured on the default three-aspect data with 25%
+    two-object clips at 800 steps, against the same captioner without it: the second object's
+    held-out colour 0.91 -> 0.99 and two objects named on every two-object clip (0.94 before),
+    but the first object's motion on two-object clips only 0.55 -> 0.63: the captioner still
+    often names the other object's motion, the open problem.
     """
 
     def __init__(self, width: int, frames: int, height: int, side: int):
@@ -240,8 +243,7 @@ class Captioner(nn.Module):
         for i, row in enumerate(tokens.tolist()):
             objects = world.parse_objects(" ".join(self.vocab[t] for t in row))[:2]
             for a, value in objects[0].items():
-                if value is not None and (len(objects) == 1 or a in ("color", "background")
-                                          or not MASK_TWO_OBJECT_AUX):
+                if value is not None and (len(objects) == 1 or a in ("color", "background")):
                     out[a][i] = world.ATTRIBUTES[a].index(value)
             for k, obj in enumerate(objects):
                 if obj["color"] is None:
@@ -260,7 +262,7 @@ class Captioner(nn.Module):
         out: list[str] = []
         for start in range(0, len(video), batch_size):
             x = to_float(video[start : start + batch_size].to(device))
-            memory, _ = self.encode(x)  # (B, N, D)
+            memory, _ = self.encode(x)  # (B, N + 1 + M + C, D)
             tokens = torch.full((len(x), 1), self.index[BOS], dtype=torch.long, device=device)
             causal = nn.Transformer.generate_square_subsequent_mask(self.max_len, device=device)
             for step in range(1, self.max_len):
@@ -304,8 +306,7 @@ REVERSE_WORDS = {"left": "right", "right": "left", "up": "down", "down": "up"}
 MAX_SHIFT = 3  # pixels of random translation
 AUX_WEIGHT = 0.5  # auxiliary attribute loss beside the caption loss
 OBJECT_AUX = ("shape", "motion", "speed", "size")  # what the per-object heads predict
-OBJECT_AUX_WEIGHT = 0.5
-MASK_TWO_OBJECT_AUX = True
+OBJECT_AUX_WEIGHT = 0.5  # per-object heads and the colour presence loss (ObjectReader)
 WORD_DROPOUT = 0.2  # share of decoder input words replaced by <unk>: the video must carry the caption
 
 
