@@ -8,8 +8,9 @@ Model: a conv encoder (2D per frame, then 3D) turns a clip into spacetime tokens
 decoder's memory adds the kept frames' finer per-frame tokens and one token per palette colour
 that follows that colour's object through the frames (`ObjectReader`), so that with two objects
 it can tell whose shape and motion is whose. A small autoregressive transformer decoder over a
-word vocabulary (built from the training captions) cross-attends to them. Greedy decoding. Evaluation parses captions back into attributes (`world.parse_caption`)
-and scores corpus BLEU-4 against the canonical captions.
+word vocabulary (built from the training captions) cross-attends to them. Greedy decoding.
+Evaluation parses captions back into attributes (`world.parse_caption`) and scores corpus BLEU-4
+against the canonical captions.
 """
 
 from __future__ import annotations
@@ -354,9 +355,8 @@ def caption_loss(model: Captioner, batch: tuple[torch.Tensor, torch.Tensor, torc
                       for a in (model.object_aux if colors is not None else ())
                       if (attrs["object_" + a] >= 0).any())
     if colors is not None:  # every colour the caption names is in every frame; no other is
-        named = colors >= 0
-        present = (F.one_hot(colors.clamp(min=0), len(world.COLORS)) * named.unsqueeze(-1)).amax(1).float()
-        labelled = named.any(1)
+        present = present_colors(colors)
+        labelled = (colors >= 0).any(1)
         if labelled.any():
             found = aux["presence"][labelled]
             object_loss = object_loss + F.binary_cross_entropy_with_logits(
@@ -366,6 +366,12 @@ def caption_loss(model: Captioner, batch: tuple[torch.Tensor, torch.Tensor, torc
         mask = target != model.index[PAD]
         acc = ((logits.argmax(-1) == target) & mask).sum() / mask.sum()
     return loss, {"token_acc": float(acc), "aux_loss": _number(aux_loss), "object_loss": _number(object_loss)}
+
+
+def present_colors(colors: torch.Tensor) -> torch.Tensor:
+    """Named objects' colour indices (B, K), -100 for none -> multi-hot (B, C) float."""
+    named = (colors >= 0).unsqueeze(-1)
+    return (F.one_hot(colors.clamp(min=0), len(world.COLORS)) * named).amax(1).float()
 
 
 def _number(x: torch.Tensor | int) -> float:

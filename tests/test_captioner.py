@@ -10,7 +10,7 @@ import torch
 
 from components import world
 from components.captioner import (Captioner, ObjectReader, build_vocab, caption_loss, corpus_bleu, load_captioner,
-                                  run_caption_stage, train_captioner)
+                                  present_colors, run_caption_stage, train_captioner)
 from components.config import CaptionConfig, Config, DataConfig
 from components.prepare import prepare
 from components.synth import generate
@@ -87,6 +87,12 @@ def test_two_object_targets_name_each_object_and_spare_the_pooled_heads():
     assert t["object_speed"].tolist() == [[idx["speed"]["slow"], -100], [idx["speed"]["fast"], -100]]
     assert t["object_size"].tolist() == [[idx["size"]["small"], idx["size"]["large"]],
                                          [idx["size"]["large"], -100]]
+
+
+def test_present_colors_marks_the_named_colours_only():
+    # Colour 0 named once with an empty second slot (clamped to 0 too) must stay present.
+    present = present_colors(torch.tensor([[0, -100], [2, 5], [-100, -100]]))
+    assert present.tolist() == [[1, 0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 1, 0], [0] * 7]
 
 
 def test_decoder_memory_holds_the_grid_every_kept_frames_tokens_and_one_token_per_colour():
