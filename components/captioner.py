@@ -110,7 +110,7 @@ class ObjectReader(nn.Module):
     per-object auxiliary heads read it. Measured on the default three-aspect data with 25%
     two-object clips at 800 steps, against the same captioner without it: the second object's
     held-out colour 0.91 -> 0.99 and two objects named on every two-object clip (0.94 before),
-    but the first object's motion on two-object clips only 0.55 -> 0.63: the captioner still
+    but the first object's motion on two-object clips only 0.55 -> 0.60-0.63: the captioner still
     often names the other object's motion, the open problem.
     """
 
