@@ -4,10 +4,13 @@ Only a `data.caption_fraction` share of the training clips come with a caption. 
 video-to-text model learns from those and captions every other clip, so the text-to-video model
 trains on a caption for every clip (DALL-E 3 / Sora "re-captioning").
 
-Model: a conv encoder (2D per frame, then 3D) turns a clip into spacetime tokens (B, N, D); a
-small autoregressive transformer decoder over a word vocabulary (built from the training
-captions) cross-attends to them. Greedy decoding. Evaluation parses captions back into attributes (`world.parse_caption`)
-and scores corpus BLEU-4 against the canonical captions.
+Model: a conv encoder (2D per frame, then 3D) turns a clip into spacetime tokens (B, N, D); the
+decoder's memory adds the kept frames' finer per-frame tokens and one token per palette colour
+that follows that colour's object through the frames (`ObjectReader`), so that with two objects
+it can tell whose shape and motion is whose. A small autoregressive transformer decoder over a
+word vocabulary (built from the training captions) cross-attends to them. Greedy decoding.
+Evaluation parses captions back into attributes (`world.parse_caption`) and scores corpus BLEU-4
+against the canonical captions.
 """
 
 from __future__ import annotations
@@ -97,6 +100,51 @@ class VideoEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+class ObjectReader(nn.Module):
+    """Per-frame feature maps (B, w, t, h, w') -> one token per palette colour (B, C, w).
+
+    Each colour's query attends, in each kept frame on its own, over the frame's positions; the
+    attention-weighted centroid per frame is where that colour's object is, and its path (centred
+    on its mean) the object's motion. The token carries the colour, the attended appearance
+    (shape, size), the path and how strongly the colour was found in each frame; the decoder and
+    per-object auxiliary heads read it. Measured on the default three-aspect data with 25%
+    two-object clips at 800 steps, against the same captioner without it: the second object's
+    held-out colour 0.91 -> 0.99 and two objects named on every two-object clip (0.94 before),
+    but the first object's motion on two-object clips only 0.55 -> 0.60-0.63: the captioner still
+    often names the other object's motion, the open problem.
+    """
+
+    def __init__(self, width: int, frames: int, height: int, side: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(len(world.COLORS), width) * width ** -0.5)
+        self.norm = nn.LayerNorm(width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, side), indexing="ij")
+        self.register_buffer("coords", torch.stack([xs.flatten(), ys.flatten()], -1), persistent=False)
+        self.out = nn.Sequential(nn.Linear(2 * width + 3 * frames, width), nn.GELU(), nn.Linear(width, width))
+        self.out_norm = nn.LayerNorm(width)
+
+    def where(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> the normed features (B, t, P, w) and each colour's attention logits over each
+        frame's P positions (B, C, t, P)."""
+        f = self.norm(frames.flatten(3).permute(0, 2, 3, 1))
+        return f, torch.einsum("btpw,cw->bctp", self.key(f), self.query) * f.shape[-1] ** -0.5
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> the colour tokens (B, C, w) and how strongly each colour was found in each frame
+        (B, C, t), a logit the presence loss trains: it sharpens the attention onto the object."""
+        f, logits = self.where(frames)
+        attn = logits.softmax(-1)  # (B, C, t, P): where each colour is in each frame
+        centroid = attn @ self.coords  # (B, C, t, 2)
+        path = (centroid - centroid.mean(2, keepdim=True)).flatten(2)  # (B, C, 2t)
+        found = logits.amax(-1)  # (B, C, t)
+        read = torch.einsum("bctp,btpw->bcw", attn, self.value(f)) / f.shape[1]  # (B, C, w)
+        b = f.shape[0]
+        token = torch.cat([read, self.query.expand(b, -1, -1), path, found], -1)
+        return self.out_norm(self.out(token) + self.query), found
+
+
 def build_vocab(captions: list[str]) -> list[str]:
     return [*SPECIALS, *sorted({w for c in captions for w in c.lower().split()})]
 
@@ -109,6 +157,14 @@ class Captioner(nn.Module):
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.max_len = max_words + 2  # BOS ... EOS
         self.encoder = VideoEncoder(width, frames, size)
+        # The decoder also reads the kept frames' H/4 feature maps, one token per position and
+        # frame: with two objects the H/8 spacetime grid and the clip-wide max-pooled token mix
+        # them, and the decoder must find the named colour's own shape and motion.
+        with torch.no_grad():
+            shape = self.encoder.frame_features(torch.zeros(1, 3, frames, size, size)).shape[2:]
+        n_frame = math.prod(shape)  # kept frames x H/4 x W/4
+        self.frame_pos = nn.Parameter(torch.randn(1, n_frame, width) * 0.02)
+        self.frame_norm = nn.LayerNorm(width)
         self.embed = nn.Embedding(len(vocab), width)
         self.pos = nn.Parameter(torch.randn(1, self.max_len, width) * 0.02)
         layer = nn.TransformerDecoderLayer(width, HEADS, 4 * width, dropout=0.0, batch_first=True,
@@ -119,6 +175,12 @@ class Captioner(nn.Module):
         # attributes the labelled captions name, they make the encoder carry the shape, which the
         # caption loss alone taught slowly (0.72 shape accuracy after 600 steps, 0.96 with them).
         self.aux = nn.ModuleDict({a: nn.Linear(width, len(v)) for a, v in world.ATTRIBUTES.items()})
+        # One token per palette colour that follows that colour's object through the frames
+        # (ObjectReader); per-object auxiliary heads on them learn both objects of a two-object
+        # clip, which the pooled read-outs above cannot tell apart.
+        self.objects = ObjectReader(width, *shape)
+        self.object_aux = nn.ModuleDict({a: nn.Linear(width, len(world.ATTRIBUTES[a]))
+                                         for a in OBJECT_AUX})
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Captions -> int64 (B, max_len): BOS, words, EOS, then PAD."""
@@ -132,28 +194,64 @@ class Captioner(nn.Module):
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 
-    def forward(self, video: torch.Tensor, tokens: torch.Tensor
+    def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float (B, 3, T, H, W) -> the decoder's memory (B, N + 1 + M + C, D): the spacetime
+        grid's N tokens, the pooled appearance token, M per-frame H/4 tokens, then one object
+        token per palette colour (C); and the colours' presence logits per frame (B, C, t)."""
+        enc = self.encoder
+        frames = enc.frame_features(video)  # (B, w, t, H/4, W/4)
+        grid = enc.spacetime(frames).flatten(2).transpose(1, 2)  # (B, N, w)
+        pooled = enc.appearance(frames.amax((2, 3, 4))).unsqueeze(1)  # (B, 1, w)
+        coarse = enc.norm(torch.cat([grid, pooled], 1) + enc.pos)  # as VideoEncoder.forward
+        fine = self.frame_norm(frames.flatten(2).transpose(1, 2) + self.frame_pos)  # (B, M, w)
+        objects, found = self.objects(frames)
+        return torch.cat([coarse, fine, objects], 1), found
+
+    def forward(self, video: torch.Tensor, tokens: torch.Tensor, colors: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """video float (B, 3, T, H, W), tokens (B, L) -> next-word logits (B, L, V) and the
-        auxiliary attribute logits {attribute: (B, values)}."""
-        memory = self.encoder(video)  # (B, N + 1, D)
+        auxiliary attribute logits {attribute: (B, values)}; with `colors` (B, K) (colour indices
+        of the named objects, -100 for none) also {"object_" + attribute: (B, K, values)}."""
+        memory, found = self.encode(video)
         L = tokens.shape[1]
         h = self.embed(tokens) + self.pos[:, :L]  # (B, L, D)
         causal = nn.Transformer.generate_square_subsequent_mask(L, device=tokens.device)
         logits = self.head(self.decoder(h, memory, tgt_mask=causal, tgt_is_causal=True))
-        appearance, motion = memory[:, -1], memory[:, :-1].mean(1)  # (B, D) each
+        n = self.encoder.pos.shape[1]
+        appearance, motion = memory[:, n - 1], memory[:, : n - 1].mean(1)  # (B, D) each
         aux = {a: head(motion if a in ("motion", "speed") else appearance)
                for a, head in self.aux.items()}
+        if colors is not None:
+            objects = memory[:, -len(world.COLORS):]  # (B, C, D)
+            picked = objects.gather(1, colors.clamp(min=0).unsqueeze(-1).expand(-1, -1, objects.shape[-1]))
+            aux.update({"object_" + a: head(picked) for a, head in self.object_aux.items()})
+            aux["presence"] = found
         return logits, aux
 
     def attribute_targets(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """int64 (B, L) caption tokens -> {attribute: value index (B,), -100 where not named}."""
-        out = {a: torch.full((len(tokens),), -100, dtype=torch.long) for a in world.ATTRIBUTES}
+        """int64 (B, L) caption tokens -> {attribute: value index (B,), -100 where not named} for
+        the pooled heads, and {"object_" + attribute: (B, 2)} per named object (first, second) for
+        the per-object heads, "object_color" being the query colours.
+
+        On a two-object clip the pooled heads learn only the colour (the first object's is a
+        function of the two colours seen) and the background: the first object's shape, motion,
+        speed and size cannot be read off features pooled over both objects.
+        """
+        b = len(tokens)
+        out = {a: torch.full((b,), -100, dtype=torch.long) for a in world.ATTRIBUTES}
+        out.update({"object_" + a: torch.full((b, 2), -100, dtype=torch.long)
+                    for a in ("color", *OBJECT_AUX)})
         for i, row in enumerate(tokens.tolist()):
-            parsed = world.parse_caption(" ".join(self.vocab[t] for t in row))
-            for a, value in parsed.items():
-                if value is not None:
+            objects = world.parse_objects(" ".join(self.vocab[t] for t in row))[:2]
+            for a, value in objects[0].items():
+                if value is not None and (len(objects) == 1 or a in ("color", "background")):
                     out[a][i] = world.ATTRIBUTES[a].index(value)
+            for k, obj in enumerate(objects):
+                if obj["color"] is None:
+                    continue
+                for a in ("color", *OBJECT_AUX):
+                    if obj[a] is not None:
+                        out["object_" + a][i, k] = world.ATTRIBUTES[a].index(obj[a])
         return out
 
     @torch.no_grad()
@@ -165,7 +263,7 @@ class Captioner(nn.Module):
         out: list[str] = []
         for start in range(0, len(video), batch_size):
             x = to_float(video[start : start + batch_size].to(device))
-            memory = self.encoder(x)  # (B, N, D)
+            memory, _ = self.encode(x)  # (B, N + 1 + M + C, D)
             tokens = torch.full((len(x), 1), self.index[BOS], dtype=torch.long, device=device)
             causal = nn.Transformer.generate_square_subsequent_mask(self.max_len, device=device)
             for step in range(1, self.max_len):
@@ -208,6 +306,8 @@ MIRROR_WORDS = {"left": "right", "right": "left"}
 REVERSE_WORDS = {"left": "right", "right": "left", "up": "down", "down": "up"}
 MAX_SHIFT = 3  # pixels of random translation
 AUX_WEIGHT = 0.5  # auxiliary attribute loss beside the caption loss
+OBJECT_AUX = ("shape", "motion", "speed", "size")  # what the per-object heads predict
+OBJECT_AUX_WEIGHT = 0.5  # per-object heads and the colour presence loss (ObjectReader)
 WORD_DROPOUT = 0.2  # share of decoder input words replaced by <unk>: the video must carry the caption
 
 
@@ -244,16 +344,39 @@ def caption_loss(model: Captioner, batch: tuple[torch.Tensor, torch.Tensor, torc
                  ) -> tuple[torch.Tensor, dict]:
     video, tokens, drop, attrs = batch
     inputs = torch.where(drop, model.index[UNK], tokens)[:, :-1]
-    logits, aux = model(video, inputs)  # predict word i+1 from words <= i
+    colors = attrs["object_color"] if OBJECT_AUX_WEIGHT > 0 else None
+    logits, aux = model(video, inputs, colors)  # predict word i+1 from words <= i
     target = tokens[:, 1:]
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=model.index[PAD])
-    aux_loss = sum(F.cross_entropy(aux[a], attrs[a], ignore_index=-100) for a in aux
+    aux_loss = sum(F.cross_entropy(aux[a], attrs[a], ignore_index=-100) for a in model.aux
                    if (attrs[a] >= 0).any())
-    loss = loss + AUX_WEIGHT * aux_loss
+    object_loss = sum(F.cross_entropy(aux["object_" + a].flatten(0, 1), attrs["object_" + a].flatten(),
+                                      ignore_index=-100)
+                      for a in (model.object_aux if colors is not None else ())
+                      if (attrs["object_" + a] >= 0).any())
+    if colors is not None:  # every colour the caption names is in every frame; no other is
+        present = present_colors(colors)
+        labelled = (colors >= 0).any(1)
+        if labelled.any():
+            found = aux["presence"][labelled]
+            object_loss = object_loss + F.binary_cross_entropy_with_logits(
+                found, present[labelled].unsqueeze(-1).expand_as(found))
+    loss = loss + AUX_WEIGHT * aux_loss + OBJECT_AUX_WEIGHT * object_loss
     with torch.no_grad():
         mask = target != model.index[PAD]
         acc = ((logits.argmax(-1) == target) & mask).sum() / mask.sum()
-    return loss, {"token_acc": float(acc), "aux_loss": float(aux_loss)}
+    return loss, {"token_acc": float(acc), "aux_loss": _number(aux_loss), "object_loss": _number(object_loss)}
+
+
+def present_colors(colors: torch.Tensor) -> torch.Tensor:
+    """Named objects' colour indices (B, K), -100 for none -> multi-hot (B, C) float."""
+    named = (colors >= 0).unsqueeze(-1)
+    return (F.one_hot(colors.clamp(min=0), len(world.COLORS)) * named).amax(1).float()
+
+
+def _number(x: torch.Tensor | int) -> float:
+    """A loss term for the log (0 when no clip of the batch had a target for it)."""
+    return float(x.detach()) if torch.is_tensor(x) else float(x)
 
 
 def train_captioner(
@@ -286,7 +409,7 @@ def train_captioner(
     spec = TrainSpec(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, weight_decay=0.01,
                      grad_clip=1.0, seed=seed)
     fit(model, caption_loss, batch_fn, spec, ckpt_dir=ckpt_dir, desc="captioner", log=log,
-        fingerprint_extra={"model": model.config, "data": digest, "n": len(captions)},
+        fingerprint_extra={"model": model.config, "arch": 2, "data": digest, "n": len(captions)},
         samples_per_batch=cfg.batch_size)
     return model.eval()
 
