@@ -112,6 +112,42 @@ def prepared_clips(tmp_path_factory, raw: Path, cfg, seed: int) -> Path:
     return out
 
 
+def encode_and_train_dit(root: Path, clips_dir: Path, vae_path: Path, cfg) -> dict:
+    """Ground-truth captions for every clip, encode and the DiT stage of `cfg` under `root`:
+    {"root", "encode", "dit", "cfg"} (module fixtures that train a DiT on a test data set)."""
+    import csv
+
+    from components import world
+    from components.clips import load_clips
+    from components.encode import run_encode
+    from components.train_dit import run_train_dit
+
+    clips = load_clips(clips_dir, cfg.data.size, cfg.data.frames)
+    (root / "captions").mkdir()
+    with open(root / "captions" / "captions.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["clip_id", "caption", "source"])
+        writer.writerows([r["clip_id"], world.caption(r), "truth"] for r in clips.rows)
+    encode = run_encode(clips_dir, root / "captions", vae_path, root / "encoded", cfg)
+    dit = run_train_dit(root / "encoded", root / "dit", cfg)
+    return {"root": root, "encode": encode, "dit": dit, "cfg": cfg}
+
+
+def data_fixtures(cfg, seed: int, clips_name: str = "clips_dir"):
+    """Module-scoped fixtures `raw` (synthetic videos of `cfg`) and `clips_name` (them prepared),
+    for a test module to bind: `raw, clips_dir = data_fixtures(CFG, SEED)`."""
+
+    @pytest.fixture(scope="module", name="raw")
+    def raw_fixture(tmp_path_factory) -> Path:
+        return synth_raw(tmp_path_factory, cfg, seed)
+
+    @pytest.fixture(scope="module", name=clips_name)
+    def clips_fixture(raw, tmp_path_factory) -> Path:
+        return prepared_clips(tmp_path_factory, raw, cfg, seed)
+
+    return raw_fixture, clips_fixture
+
+
 def read_metadata(raw: Path) -> list[dict]:
     """The synth stage's metadata.jsonl records."""
     import json

@@ -19,7 +19,7 @@ from components.config import ConfigError, DataConfig, resolve
 from components.prepare import nearest_size, resize_crop
 from components.synth import generate, render
 from components.video_io import read_clip, write_video
-from tests.conftest import prepared_clips, read_metadata, synth_raw
+from tests.conftest import data_fixtures, encode_and_train_dit, read_metadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -31,14 +31,7 @@ CFG = DataConfig(num_videos=51, raw_size=32, size=16, frames=9, fps=8, caption_f
                  aspects=("16x16", "16x24", "24x16"))
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    return synth_raw(tmp_path_factory, CFG, SEED)
-
-
-@pytest.fixture(scope="module")
-def clips_dir(raw, tmp_path_factory) -> Path:
-    return prepared_clips(tmp_path_factory, raw, CFG, SEED)
+raw, clips_dir = data_fixtures(CFG, SEED)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,20 +250,7 @@ def test_vae_trains_on_every_shape_and_reconstructs_each(clips_dir, vae_dir):
 @pytest.fixture(scope="module")
 def trained(clips_dir, vae_dir, tmp_path_factory) -> dict:
     """Captions (the ground truth), encode and a few DiT steps on the three shapes."""
-    from components.encode import run_encode
-    from components.train_dit import run_train_dit
-
-    root = tmp_path_factory.mktemp("trained")
-    clips = load_clips(clips_dir, CFG.size)
-    (root / "captions").mkdir()
-    with open(root / "captions" / "captions.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["clip_id", "caption", "source"])
-        writer.writerows([r["clip_id"], world.caption(r), "truth"] for r in clips.rows)
-    cfg = _config()
-    encode = run_encode(clips_dir, root / "captions", vae_dir[0] / "vae.pt", root / "encoded", cfg)
-    dit = run_train_dit(root / "encoded", root / "dit", cfg)
-    return {"root": root, "encode": encode, "dit": dit, "cfg": cfg}
+    return encode_and_train_dit(tmp_path_factory.mktemp("trained"), clips_dir, vae_dir[0] / "vae.pt", _config())
 
 
 def test_encode_writes_each_shape_and_train_dit_trains_on_them(clips_dir, trained):

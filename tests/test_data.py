@@ -15,7 +15,7 @@ from components.config import DataConfig
 from components.prepare import MANIFEST_COLUMNS, TooManyBadFiles, prepare
 from components.synth import generate
 from components.video_io import write_video
-from tests.conftest import prepared_clips, read_metadata, synth_raw
+from tests.conftest import data_fixtures, read_metadata
 
 SEED = 3
 CFG = DataConfig(num_videos=50, raw_size=32, size=16, frames=9, fps=8, caption_fraction=0.3,
@@ -23,14 +23,7 @@ CFG = DataConfig(num_videos=50, raw_size=32, size=16, frames=9, fps=8, caption_f
                  two_object_fraction=0.3, min_duration=1.0, max_duration=2.5)
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    return synth_raw(tmp_path_factory, CFG, SEED)
-
-
-@pytest.fixture(scope="module")
-def clips(raw, tmp_path_factory) -> Path:
-    return prepared_clips(tmp_path_factory, raw, CFG, SEED)
+raw, clips = data_fixtures(CFG, SEED, "clips")
 
 
 def test_synth_is_deterministic_across_worker_counts(raw, tmp_path):

@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from components import world
 from components.buckets import Bucket
 from components.clips import load_clips, square_shard, to_square
 from components.config import ConfigError, DataConfig, resolve
 from components.prepare import assign_clip_frames, load_clip, window_start
-from tests.conftest import prepared_clips, read_metadata, synth_raw
+from tests.conftest import data_fixtures, encode_and_train_dit, read_metadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -32,14 +31,7 @@ CFG = DataConfig(num_videos=48, raw_size=32, size=16, frames=9, clip_frames=LENG
 SHAPES = sorted(Bucket(t, h, w) for t in LENGTHS for h, w in SIZES.values())
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    return synth_raw(tmp_path_factory, CFG, SEED)
-
-
-@pytest.fixture(scope="module")
-def clips_dir(raw, tmp_path_factory) -> Path:
-    return prepared_clips(tmp_path_factory, raw, CFG, SEED)
+raw, clips_dir = data_fixtures(CFG, SEED)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,20 +197,7 @@ def test_vae_trains_on_both_lengths_and_reconstructs_each(clips_dir, vae_dir):
 @pytest.fixture(scope="module")
 def trained(clips_dir, vae_dir, tmp_path_factory) -> dict:
     """Ground-truth captions, encode and a few DiT steps on the four buckets."""
-    from components.encode import run_encode
-    from components.train_dit import run_train_dit
-
-    root = tmp_path_factory.mktemp("trained")
-    clips = load_clips(clips_dir, CFG.size, CFG.frames)
-    (root / "captions").mkdir()
-    with open(root / "captions" / "captions.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["clip_id", "caption", "source"])
-        writer.writerows([r["clip_id"], world.caption(r), "truth"] for r in clips.rows)
-    cfg = _config()
-    encode = run_encode(clips_dir, root / "captions", vae_dir[0] / "vae.pt", root / "encoded", cfg)
-    dit = run_train_dit(root / "encoded", root / "dit", cfg)
-    return {"root": root, "encode": encode, "dit": dit, "cfg": cfg}
+    return encode_and_train_dit(tmp_path_factory.mktemp("trained"), clips_dir, vae_dir[0] / "vae.pt", _config())
 
 
 def test_encode_and_train_dit_use_every_length(clips_dir, trained):
