@@ -133,6 +133,33 @@ def encode_and_train_dit(root: Path, clips_dir: Path, vae_path: Path, cfg) -> di
     return {"root": root, "encode": encode, "dit": dit, "cfg": cfg}
 
 
+def quick_evaluate(clips_dir: Path, vae_path: Path, trained: dict) -> dict:
+    """The evaluation stage on `encode_and_train_dit`'s DiT, with a few judge steps, 3 prompts
+    per split and 2 sampling steps; writes `trained["root"] / "eval"`."""
+    import dataclasses
+
+    from components.config import EvalConfig, SampleConfig
+    from components.evaluation import run_evaluate
+
+    root = trained["root"]
+    cfg = dataclasses.replace(trained["cfg"], sample=SampleConfig(steps=2),
+                              eval=EvalConfig(judge_steps=4, prompts_per_split=3, recon_clips=24,
+                                              paraphrase_prompts=0))
+    return run_evaluate(clips_dir, vae_path, root / "dit" / "dit.pt", root / "eval", cfg,
+                        encoded_dir=root / "encoded")
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    """Manifest rows (as csv.DictReader read them, maybe edited) written back to `path`."""
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def data_fixtures(cfg, seed: int, clips_name: str = "clips_dir"):
     """Module-scoped fixtures `raw` (synthetic videos of `cfg`) and `clips_name` (them prepared),
     for a test module to bind: `raw, clips_dir = data_fixtures(CFG, SEED)`."""

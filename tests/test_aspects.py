@@ -19,7 +19,7 @@ from components.config import ConfigError, DataConfig, resolve
 from components.prepare import nearest_size, resize_crop
 from components.synth import generate, render
 from components.video_io import read_clip, write_video
-from tests.conftest import data_fixtures, encode_and_train_dit, read_metadata
+from tests.conftest import data_fixtures, encode_and_train_dit, quick_evaluate, read_metadata, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -168,11 +168,7 @@ def test_great_expectations_accepts_every_aspect_and_rejects_a_wrong_size(clips_
     rows = list(csv.DictReader(open(clips_dir / "manifest.csv")))
     portrait = next(r for r in rows if r["height"] == "24")
     portrait["width"] = "24"  # 24x24: each side is a known side, the pair is no known size
-    bad = tmp_path / "bad.csv"
-    with open(bad, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    bad = write_manifest(tmp_path / "bad.csv", rows)
     with pytest.raises(ValidationFailed, match="failed 1 of") as info:
         validate_manifest(bad, CFG, tmp_path / "bad", data_docs=False)
     assert "(height, width)" in str(info.value)
@@ -273,16 +269,10 @@ def test_encode_writes_each_shape_and_train_dit_trains_on_them(clips_dir, traine
 
 
 def test_evaluation_reports_each_aspect_and_samples_its_sizes(clips_dir, vae_dir, trained):
-    from components.config import EvalConfig, SampleConfig
-    from components.evaluation import run_evaluate
     from components.video_io import read_clip
 
     root = trained["root"]
-    cfg = dataclasses.replace(trained["cfg"], sample=SampleConfig(steps=2),
-                              eval=EvalConfig(judge_steps=4, prompts_per_split=3, recon_clips=24,
-                                              paraphrase_prompts=0))
-    report = run_evaluate(clips_dir, vae_dir[0] / "vae.pt", root / "dit" / "dit.pt", root / "eval", cfg,
-                          encoded_dir=root / "encoded")
+    report = quick_evaluate(clips_dir, vae_dir[0] / "vae.pt", trained)
     m = report["metrics"]
     for aspect in SIZES:
         assert np.isfinite(m[f"vae_psnr_{aspect}"]) and np.isfinite(m[f"vae_ssim_{aspect}"])

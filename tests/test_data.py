@@ -15,7 +15,7 @@ from components.config import DataConfig
 from components.prepare import MANIFEST_COLUMNS, TooManyBadFiles, prepare
 from components.synth import generate
 from components.video_io import write_video
-from tests.conftest import data_fixtures, read_metadata
+from tests.conftest import data_fixtures, read_metadata, write_manifest
 
 SEED = 3
 CFG = DataConfig(num_videos=50, raw_size=32, size=16, frames=9, fps=8, caption_fraction=0.3,
@@ -153,11 +153,7 @@ def test_great_expectations_suite_passes_and_names_planted_faults(clips, tmp_pat
     visible = next(r for r in rows if r["caption_visible"] == "True")
     visible["caption"] = ""  # a visible clip lost its caption
     rows[0]["frames"] = str(CFG.frames - 4)  # a clip of the wrong length
-    bad = tmp_path / "bad.csv"
-    with open(bad, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    bad = write_manifest(tmp_path / "bad.csv", rows)
     with pytest.raises(ValidationFailed) as info:
         validate_manifest(bad, CFG, tmp_path / "bad", data_docs=False)
     message = str(info.value)

@@ -17,7 +17,7 @@ from components.buckets import Bucket
 from components.clips import load_clips, square_shard, to_square
 from components.config import ConfigError, DataConfig, resolve
 from components.prepare import assign_clip_frames, load_clip, window_start
-from tests.conftest import data_fixtures, encode_and_train_dit, read_metadata
+from tests.conftest import data_fixtures, encode_and_train_dit, quick_evaluate, read_metadata, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -127,11 +127,7 @@ def test_great_expectations_accepts_the_lengths_and_rejects_another(clips_dir, t
     assert ok["success"] and ok["failed"] == 0
     rows = list(csv.DictReader(open(clips_dir / "manifest.csv")))
     rows[3]["frames"] = "13"  # 1 + 4k, but not an allowed length
-    bad = tmp_path / "bad.csv"
-    with open(bad, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    bad = write_manifest(tmp_path / "bad.csv", rows)
     with pytest.raises(ValidationFailed, match="failed 1 of") as info:
         validate_manifest(bad, CFG, tmp_path / "bad", data_docs=False)
     assert "column_values_to_be_in_set on frames" in str(info.value) and "13" in str(info.value)
@@ -225,8 +221,7 @@ def test_generation_at_every_trained_length(vae_dir, trained):
 
 
 def test_evaluation_grades_full_length_clips_and_samples_every_shape(clips_dir, vae_dir, trained):
-    from components.config import EvalConfig, SampleConfig
-    from components.evaluation import _graded_rows, run_evaluate
+    from components.evaluation import _graded_rows
     from components.video_io import read_clip
 
     rows = load_clips(clips_dir, CFG.size, CFG.frames).rows
@@ -234,11 +229,7 @@ def test_evaluation_grades_full_length_clips_and_samples_every_shape(clips_dir, 
     assert any(graded(r) for r in rows)
     assert all(r["frames"] == CFG.frames and r["height"] == r["width"] for r in rows if graded(r))
     root = trained["root"]
-    cfg = dataclasses.replace(trained["cfg"], sample=SampleConfig(steps=2),
-                              eval=EvalConfig(judge_steps=4, prompts_per_split=3, recon_clips=24,
-                                              paraphrase_prompts=0))
-    report = run_evaluate(clips_dir, vae_dir[0] / "vae.pt", root / "dit" / "dit.pt", root / "eval", cfg,
-                          encoded_dir=root / "encoded")
+    report = quick_evaluate(clips_dir, vae_dir[0] / "vae.pt", trained)
     m = report["metrics"]
     for n in LENGTHS:
         assert np.isfinite(m[f"vae_psnr_{n}f"]) and np.isfinite(m[f"vae_ssim_{n}f"])
