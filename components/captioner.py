@@ -150,21 +150,25 @@ def build_vocab(captions: list[str]) -> list[str]:
 
 
 class Captioner(nn.Module):
-    def __init__(self, vocab: list[str], width: int, layers: int, max_words: int, frames: int, size: int):
+    def __init__(self, vocab: list[str], width: int, layers: int, max_words: int, frames: int, size: int,
+                 object_tokens: bool = False):
         super().__init__()
-        self.config = dict(width=width, layers=layers, max_words=max_words, frames=frames, size=size)
+        self.config = dict(width=width, layers=layers, max_words=max_words, frames=frames, size=size,
+                           object_tokens=object_tokens)
+        self.object_tokens = object_tokens
         self.vocab = list(vocab)
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.max_len = max_words + 2  # BOS ... EOS
         self.encoder = VideoEncoder(width, frames, size)
-        # The decoder also reads the kept frames' H/4 feature maps, one token per position and
-        # frame: with two objects the H/8 spacetime grid and the clip-wide max-pooled token mix
-        # them, and the decoder must find the named colour's own shape and motion.
-        with torch.no_grad():
-            shape = self.encoder.frame_features(torch.zeros(1, 3, frames, size, size)).shape[2:]
-        n_frame = math.prod(shape)  # kept frames x H/4 x W/4
-        self.frame_pos = nn.Parameter(torch.randn(1, n_frame, width) * 0.02)
-        self.frame_norm = nn.LayerNorm(width)
+        if object_tokens:
+            # The decoder also reads the kept frames' H/4 feature maps, one token per position and
+            # frame: with two objects the H/8 spacetime grid and the clip-wide max-pooled token mix
+            # them, and the decoder must find the named colour's own shape and motion.
+            with torch.no_grad():
+                shape = self.encoder.frame_features(torch.zeros(1, 3, frames, size, size)).shape[2:]
+            n_frame = math.prod(shape)  # kept frames x H/4 x W/4
+            self.frame_pos = nn.Parameter(torch.randn(1, n_frame, width) * 0.02)
+            self.frame_norm = nn.LayerNorm(width)
         self.embed = nn.Embedding(len(vocab), width)
         self.pos = nn.Parameter(torch.randn(1, self.max_len, width) * 0.02)
         layer = nn.TransformerDecoderLayer(width, HEADS, 4 * width, dropout=0.0, batch_first=True,
@@ -175,12 +179,13 @@ class Captioner(nn.Module):
         # attributes the labelled captions name, they make the encoder carry the shape, which the
         # caption loss alone taught slowly (0.72 shape accuracy after 600 steps, 0.96 with them).
         self.aux = nn.ModuleDict({a: nn.Linear(width, len(v)) for a, v in world.ATTRIBUTES.items()})
-        # One token per palette colour that follows that colour's object through the frames
-        # (ObjectReader); per-object auxiliary heads on them learn both objects of a two-object
-        # clip, which the pooled read-outs above cannot tell apart.
-        self.objects = ObjectReader(width, *shape)
-        self.object_aux = nn.ModuleDict({a: nn.Linear(width, len(world.ATTRIBUTES[a]))
-                                         for a in OBJECT_AUX})
+        if object_tokens:
+            # One token per palette colour that follows that colour's object through the frames
+            # (ObjectReader); per-object auxiliary heads on them learn both objects of a two-object
+            # clip, which the pooled read-outs above cannot tell apart.
+            self.objects = ObjectReader(width, *shape)
+            self.object_aux = nn.ModuleDict({a: nn.Linear(width, len(world.ATTRIBUTES[a]))
+                                             for a in OBJECT_AUX})
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Captions -> int64 (B, max_len): BOS, words, EOS, then PAD."""
@@ -194,15 +199,18 @@ class Captioner(nn.Module):
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 
-    def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """float (B, 3, T, H, W) -> the decoder's memory (B, N + 1 + M + C, D): the spacetime
-        grid's N tokens, the pooled appearance token, M per-frame H/4 tokens, then one object
-        token per palette colour (C); and the colours' presence logits per frame (B, C, t)."""
+        grid's N tokens, the pooled appearance token, then with `object_tokens` M per-frame H/4
+        tokens and one object token per palette colour (C); and the colours' presence logits per
+        frame (B, C, t), None without object tokens."""
         enc = self.encoder
         frames = enc.frame_features(video)  # (B, w, t, H/4, W/4)
         grid = enc.spacetime(frames).flatten(2).transpose(1, 2)  # (B, N, w)
         pooled = enc.appearance(frames.amax((2, 3, 4))).unsqueeze(1)  # (B, 1, w)
         coarse = enc.norm(torch.cat([grid, pooled], 1) + enc.pos)  # as VideoEncoder.forward
+        if not self.object_tokens:
+            return coarse, None
         fine = self.frame_norm(frames.flatten(2).transpose(1, 2) + self.frame_pos)  # (B, M, w)
         objects, found = self.objects(frames)
         return torch.cat([coarse, fine, objects], 1), found
@@ -221,7 +229,7 @@ class Captioner(nn.Module):
         appearance, motion = memory[:, n - 1], memory[:, : n - 1].mean(1)  # (B, D) each
         aux = {a: head(motion if a in ("motion", "speed") else appearance)
                for a, head in self.aux.items()}
-        if colors is not None:
+        if colors is not None and self.object_tokens:
             objects = memory[:, -len(world.COLORS):]  # (B, C, D)
             picked = objects.gather(1, colors.clamp(min=0).unsqueeze(-1).expand(-1, -1, objects.shape[-1]))
             aux.update({"object_" + a: head(picked) for a, head in self.object_aux.items()})
@@ -344,7 +352,7 @@ def caption_loss(model: Captioner, batch: tuple[torch.Tensor, torch.Tensor, torc
                  ) -> tuple[torch.Tensor, dict]:
     video, tokens, drop, attrs = batch
     inputs = torch.where(drop, model.index[UNK], tokens)[:, :-1]
-    colors = attrs["object_color"] if OBJECT_AUX_WEIGHT > 0 else None
+    colors = attrs["object_color"] if model.object_tokens and OBJECT_AUX_WEIGHT > 0 else None
     logits, aux = model(video, inputs, colors)  # predict word i+1 from words <= i
     target = tokens[:, 1:]
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=model.index[PAD])
@@ -395,7 +403,8 @@ def train_captioner(
                          f"{len(captions)} captions: raise data.caption_fraction or data.num_videos")
     torch.manual_seed(seed)
     _, _, frames, size, _ = video.shape
-    model = Captioner(build_vocab(captions), cfg.width, cfg.layers, cfg.max_words, frames, size).to(device)
+    model = Captioner(build_vocab(captions), cfg.width, cfg.layers, cfg.max_words, frames, size,
+                      cfg.object_tokens).to(device)
     tokens = model.tokenize(captions)
 
     def batch_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
