@@ -414,7 +414,8 @@ def train_captioner(
         attrs = {a: t.to(device) for a, t in model.attribute_targets(words).items()}
         return to_float(clips).to(device), words.to(device), drop.to(device), attrs
 
-    digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+    # The clips too: the same captions on other clips (say, cut at other lengths) must not resume.
+    digest = hashlib.sha256("\n".join(captions).encode() + video.numpy().tobytes()).hexdigest()[:16]
     spec = TrainSpec(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, weight_decay=0.01,
                      grad_clip=1.0, seed=seed)
     fit(model, caption_loss, batch_fn, spec, ckpt_dir=ckpt_dir, desc="captioner", log=log,
