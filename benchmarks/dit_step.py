@@ -1,6 +1,9 @@
 """One DiT training step against this machine's matrix-multiply peak, both measured in one run.
 
-    python benchmarks/dit_step.py [--profile tiny] [--steps 60] [--json out.json]
+    python benchmarks/dit_step.py [--profile tiny] [--steps 60] [--set KEY=VALUE ...] [--json out.json]
+
+`--set` changes the step as `zoetrope run --set` changes a run, e.g. a larger preset on a GPU:
+`--set dit.preset=base --set dit.batch_size=128 --set data.size=64`.
 
 The step is the train_dit stage's: the `dit.preset` network at `dit.batch_size`, the latent shape
 that `data` and `vae` give, the rectified-flow loss, gradient clipping, AdamW and EMA, run by
@@ -70,7 +73,7 @@ def gpu_peak(name: str) -> float | None:
     return None
 
 
-def dit_step(cfg: C.Config, device: torch.device, steps: int) -> dict:
+def dit_step(cfg: C.Config, device: torch.device, steps: int, compile: bool = False) -> dict:
     dcfg, vcfg, data = cfg.dit, cfg.vae, cfg.data
     t = (data.frames - 1) // vcfg.time_down + 1
     h = w = data.size // vcfg.space_down
@@ -93,7 +96,7 @@ def dit_step(cfg: C.Config, device: torch.device, steps: int) -> dict:
 
     windows: list[dict] = []
     spec = TrainSpec(steps=steps, lr=dcfg.lr, warmup=dcfg.warmup, grad_clip=dcfg.grad_clip,
-                     ema=dcfg.ema, log_every=WINDOW, ckpt_every=0)
+                     ema=dcfg.ema, log_every=WINDOW, ckpt_every=0, compile=compile)
     res = fit(model, loss_fn, batch_fn, spec, log=lambda s, m: windows.append(m), desc="bench",
               samples_per_batch=B, tokens_per_batch=B * tokens)
     timed = windows[1:] or windows  # the first window holds one-off allocation and warm-up
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--steps", type=int, default=60, help=f"training steps, timed in windows of {WINDOW}")
     ap.add_argument("--repeats", type=int, default=10, help="matmuls for the peak (best of)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one params.yaml value (repeatable), as `zoetrope run --set`")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (TrainSpec.compile)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is a GPU)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -128,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--steps {args.steps} leaves no timed window: use at least {2 * WINDOW}")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = C.load(args.params, args.profile)
+    cfg = C.load(args.params, args.profile, C.overrides_to_dict(args.overrides))
     out: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "profile": args.profile,
+        "overrides": args.overrides,
+        "compile": args.compile,
     }
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 peak, not TF32
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         out["bf16_matmul_peak"] = matmul_peak(8192, args.repeats, torch.bfloat16, device)
     else:
         out["fp32_matmul_peak"] = matmul_peak(2048, args.repeats, torch.float32, device)
-    out.update(dit_step(cfg, device, args.steps))
+    out.update(dit_step(cfg, device, args.steps, args.compile))
     achieved = out["flop_per_s_median"]
     out["share_of_fp32_matmul_peak"] = achieved / out["fp32_matmul_peak"]
     if device.type == "cuda":

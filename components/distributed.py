@@ -72,11 +72,32 @@ def is_main() -> bool:
     return rank() == 0
 
 
+DEVICE_ENV = "ZOETROPE_DEVICE"
+
+
 def device() -> torch.device:
-    """The device this rank trains on: its own GPU under nccl, else the CPU."""
-    if active() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """The device this process computes on.
+
+    Under torchrun: its own GPU with nccl, the CPU with gloo. One process: `$ZOETROPE_DEVICE`
+    (`cpu`, `cuda`, `cuda:1`) when set, else the first GPU when CUDA has one, else the CPU.
+    """
+    if active():
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    asked = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if asked in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(asked)
+    except RuntimeError:
+        raise ValueError(f"{DEVICE_ENV}={asked!r} is not a device: use cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{DEVICE_ENV}={asked} but PyTorch sees no GPU: install a CUDA build of torch "
+                           f"or unset {DEVICE_ENV} to use the CPU")
+    if chosen.type not in ("cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV}={asked!r}: Zoetrope trains on cpu or cuda")
+    return chosen
 
 
 def init(backend: str | None = None) -> DistEnv:

@@ -80,6 +80,7 @@ def prepare(project: Project, cfg: Config, log) -> dict:
 
 
 def caption(project: Project, cfg: Config, log) -> dict:
+    from components import distributed
     from components.captioner import run_caption_stage
     from flows import shards
 
@@ -90,6 +91,7 @@ def caption(project: Project, cfg: Config, log) -> dict:
         cfg,
         log=log,
         ckpt_dir=project.ckpt_dir("caption"),
+        device=distributed.device(),
         map_shards=shards.mapper(cfg.dask, "caption"),
     )
     atomic_write_json(project.path("reports/caption.json"), metrics)
@@ -97,20 +99,22 @@ def caption(project: Project, cfg: Config, log) -> dict:
 
 
 def train_vae(project: Project, cfg: Config, log) -> dict:
+    from components import distributed
     from components.vae import run_train_vae
 
     return run_train_vae(
         project.path("data/clips"), _fresh(project.path("models/vae")), cfg,
-        log=log, ckpt_dir=project.ckpt_dir("train_vae"),
+        log=log, ckpt_dir=project.ckpt_dir("train_vae"), device=distributed.device(),
     )
 
 
 def encode(project: Project, cfg: Config, log) -> dict:
+    from components import distributed
     from components.encode import run_encode
 
     return run_encode(
         project.path("data/clips"), project.path("data/captions"), project.path("models/vae/vae.pt"),
-        _fresh(project.path("data/encoded")), cfg, log=log,
+        _fresh(project.path("data/encoded")), cfg, log=log, device=distributed.device(),
     )
 
 
@@ -133,6 +137,7 @@ def train_dit(project: Project, cfg: Config, log) -> dict:
 def evaluate(project: Project, cfg: Config, log) -> dict:
     import mlflow
 
+    from components import distributed
     from components.evaluation import run_evaluate
 
     out = _fresh(project.path("reports/eval"))
@@ -141,6 +146,7 @@ def evaluate(project: Project, cfg: Config, log) -> dict:
         project.path("models/dit/dit.pt"), out, cfg, log=log,
         caption_metrics=_read_json(project.path("reports/caption.json")),
         ckpt_dir=project.ckpt_dir("evaluate"), encoded_dir=project.path("data/encoded"),
+        device=distributed.device(),
     )
     # Where the sample grids the report links to live (the Prefect report links them in the UI).
     report["mlflow_run_id"] = mlflow.active_run().info.run_id
