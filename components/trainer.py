@@ -244,6 +244,8 @@ def fit(
     t0 = time.time()
     t_window, n_window = time.time(), 0
     loss_value = float("nan")
+    read_every_step = not on_cuda  # on a CPU the loss is ready when the step returns: free to read
+    nonfinite = torch.zeros((), dtype=torch.bool, device=first.device) if on_cuda else False
     rate: dict[str, float] = {}  # the last window's throughput, shown live beside the loss
     try:
         for step in range(start, spec.steps):
@@ -253,22 +255,35 @@ def fit(
             batch = draw(step)
             loss, metrics = forward(step_model, batch)
             global_loss = distributed.mean_scalar(loss.detach())  # == loss for one process
-            if not torch.isfinite(global_loss):
-                raise FloatingPointError(
-                    f"[{desc}] loss became {global_loss.item()} at step {step}: lower the learning rate "
-                    f"(now {spec.lr}) or enable gradient clipping"
-                )
+            done = step + 1
+            logged = done % spec.log_every == 0 or done == spec.steps
+            saved = spec.ckpt_every > 0 and done % spec.ckpt_every == 0
+            if read_every_step or logged or saved:
+                # On a GPU, reading the loss waits for the step: only at a log or checkpoint step, so
+                # the host queues the next steps meanwhile. A non-finite loss since the last read
+                # stops the run there, before a checkpoint can keep it.
+                bad_now = not bool(torch.isfinite(global_loss))
+                if bad_now or bool(nonfinite):
+                    what = (f"became {global_loss.item()} at step {step}" if bad_now
+                            else f"was not finite at a step before step {step}")
+                    raise FloatingPointError(
+                        f"[{desc}] loss {what}: lower the learning rate (now {spec.lr}) or enable "
+                        "gradient clipping"
+                    )
+                loss_value = float(global_loss)
+            else:
+                nonfinite = nonfinite | ~torch.isfinite(global_loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if spec.grad_clip > 0:
-                metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(params, spec.grad_clip, foreach=True))
+                grad_norm = nn.utils.clip_grad_norm_(params, spec.grad_clip, foreach=True)
+                if read_every_step or logged:
+                    metrics["grad_norm"] = float(grad_norm)
             opt.step()
             if ema is not None:
                 ema_update(ema, model, spec.ema)
-            loss_value = float(global_loss)
             n_window += 1
-            done = step + 1
-            if done % spec.log_every == 0 or done == spec.steps:
+            if logged:
                 elapsed = max(1e-9, time.time() - t_window)
                 steps_per_s = n_window / elapsed
                 metrics = {"loss": loss_value, "lr": lr, **metrics, "steps_per_s": steps_per_s}
@@ -285,8 +300,10 @@ def fit(
                         else {"steps/s": steps_per_s})
                 t_window, n_window = time.time(), 0
             if progress is not None:
-                progress.update(done, {"loss": loss_value, "lr": lr, **rate})
-            if spec.ckpt_every > 0 and done % spec.ckpt_every == 0 and done < spec.steps:
+                # On a GPU the loss is read at log steps: nothing to show before the first one.
+                shown = {} if math.isnan(loss_value) else {"loss": loss_value}
+                progress.update(done, {**shown, "lr": lr, **rate})
+            if saved and done < spec.steps:
                 save(done)
     finally:
         if progress is not None:

@@ -117,3 +117,35 @@ def test_vae_chunked_decode_on_gpu_equals_whole_decode():
         whole = vae.decoder(z)
         for chunk in (1, 2, 3):
             assert torch.allclose(torch.cat(list(vae.decoder.stream(z, chunk)), dim=2), whole, atol=1e-4)
+
+
+def _nan_at(step_bad: int, device: str, ckpt_dir, log_every: int):
+    torch.manual_seed(0)
+    model = DiT(SPEC).to(device)
+    x0, ctx, mask = _batch(4, device)
+
+    def loss_fn(m, batch):
+        step, gen = batch
+        loss, metrics = rf_loss(m, x0, ctx, mask, gen)
+        return (loss * float("nan") if step == step_bad else loss), metrics
+
+    spec = TrainSpec(steps=20, lr=1e-3, ckpt_every=log_every, log_every=log_every)
+    with pytest.raises(FloatingPointError, match="lower the learning rate") as err:
+        fit(model, loss_fn, lambda step, gen: (step, gen), spec, ckpt_dir=ckpt_dir)
+    return str(err.value)
+
+
+def test_a_non_finite_loss_stops_training_at_its_step_on_cpu(tmp_path):
+    message = _nan_at(2, "cpu", tmp_path, log_every=5)
+    assert "became nan at step 2" in message
+    assert not list(tmp_path.glob("state-*.pt"))  # nothing was checkpointed before it
+
+
+@needs_gpu
+def test_a_non_finite_loss_on_gpu_stops_training_before_a_checkpoint_keeps_it(tmp_path):
+    # On CUDA the loss is read at log and checkpoint steps only: the NaN of step 7 is found at
+    # step 9 (the 10th), before the checkpoint after it is written; the one after step 4 stays.
+    message = _nan_at(7, "cuda", tmp_path, log_every=5)
+    assert "step 9" in message
+    saved = list(tmp_path.glob("state-*.pt"))
+    assert len(saved) == 1 and torch.load(saved[0], weights_only=False)["step"] == 5
