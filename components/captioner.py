@@ -293,8 +293,7 @@ class Captioner(nn.Module):
 
 
 def save_captioner(model: Captioner, path: Path) -> None:
-    save_model(path, "captioner", model.config, {k: v.cpu() for k, v in model.state_dict().items()},
-               vocab=model.vocab)
+    save_model(path, "captioner", model.config, model.state_dict(), vocab=model.vocab)
 
 
 def load_captioner(path: Path, device: str | torch.device = "cpu") -> Captioner:

@@ -58,7 +58,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def save_model(path: str | Path, kind: str, config: dict, state_dict: dict, **extra: Any) -> None:
-    """A trained model: its kind, the config that builds it, its weights and measured extras."""
+    """A trained model: its kind, the config that builds it, its weights and measured extras.
+
+    Weights are saved from the CPU, whatever device trained them, so any machine loads them."""
+    state_dict = {k: v.cpu() for k, v in state_dict.items()}
     atomic_torch_save(
         {"format": FORMAT_VERSION, "kind": kind, "config": config, "state_dict": state_dict, **extra},
         path,

@@ -99,7 +99,7 @@ class Judge(nn.Module):
         return out
 
     def save(self, path: Path) -> None:
-        save_model(path, "judge", self.config, {k: v.cpu() for k, v in self.state_dict().items()})
+        save_model(path, "judge", self.config, self.state_dict())
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu") -> "Judge":

@@ -138,8 +138,7 @@ def run_train_dit(encoded_dir: Path, model_dir: Path, cfg: Config, log: LogFn | 
             total += val_loss(ema, x.to(device), tokens[c], masks[c], cfg.seed) * len(ids)
         metrics["val_loss"] = total / len(vi)
         metrics["val_clips"] = len(vi)
-    state = {k: v.cpu() for k, v in ema.state_dict().items()}
-    save_model(Path(model_dir) / "dit.pt", "dit", dit_config_dict(spec, dcfg), state,
+    save_model(Path(model_dir) / "dit.pt", "dit", dit_config_dict(spec, dcfg), ema.state_dict(),
                shift=shift, latent_shape=latent_shape,
                buckets=[list(x.shape[1:]) for x, _ in buckets])
     metrics["seconds"] = time.time() - t0

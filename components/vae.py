@@ -476,8 +476,7 @@ def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | No
 
     data = {"frames": cfg.data.frames, "size": cfg.data.size, "fps": cfg.data.fps,
             "buckets": sorted(str(b) for b, _, _ in train)}  # the native shapes it trained on
-    state = {k: v.cpu() for k, v in model.state_dict().items()}
-    save_model(Path(model_dir) / "vae.pt", "vae", dataclasses.asdict(vcfg), state,
+    save_model(Path(model_dir) / "vae.pt", "vae", dataclasses.asdict(vcfg), model.state_dict(),
                latent_mean=mean.tolist(), latent_std=std.tolist(), data=data)
     return {
         "val_psnr": metrics.pop("psnr"),
