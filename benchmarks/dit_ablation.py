@@ -77,6 +77,8 @@ def main() -> None:
             result[f"{split}_{a}"] = float(np.mean([pred[a][i] == attrs[i][a] for i in range(len(attrs))]))
         confusion = collections.Counter(f"{attrs[i]['motion']}->{pred['motion'][i]}" for i in range(len(attrs)))
         print(f"{split} motion confusion (true->judged):", dict(sorted(confusion.items())))
+        shapes = collections.Counter(f"{attrs[i]['shape']}/{attrs[i]['size']}->{pred['shape'][i]}" for i in range(len(attrs)))
+        print(f"{split} shape confusion (true/size->judged):", dict(sorted(shapes.items())))
     print(json.dumps({"tag": args.tag, "overrides": args.overrides, "prompts_per_split": args.prompts,
                       "train_seconds": round(train["train_seconds"], 1), "val_loss": train.get("val_loss"),
                       **{k: round(v, 3) for k, v in result.items()},
