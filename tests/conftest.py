@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -12,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 _HOME = Path(tempfile.mkdtemp(prefix="zoetrope-test-home-"))
+# The homes hold BentoML's model store (~100 MB a session): removed when the session ends.
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 
 # Set before Prefect, MLflow or BentoML are imported by any test module.
 from flows.project import QUIET_ENV  # noqa: E402 - light: no orchestration library behind it
