@@ -161,9 +161,14 @@ class CaptionConfig:
     # with per-object auxiliary heads: for data with two objects a clip. They cost 1.26x a training
     # step and about 2.5x the captioning time, and one-object data needs none of it.
     object_tokens: bool = False
+    # With object_tokens: each word's input carries the object token of the colour named last
+    # (Captioner.slots), so the words after a colour describe that colour's object.
+    object_slots: bool = False
 
     def validate(self) -> None:
         _check(self.steps > 0, "caption.steps", self.steps, "use a positive number of steps")
+        _check(self.object_tokens or not self.object_slots, "caption.object_slots", self.object_slots,
+               "set caption.object_tokens=true too (the slots are its object tokens)")
 
 
 @dataclass(frozen=True)

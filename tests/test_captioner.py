@@ -30,8 +30,8 @@ def test_corpus_bleu():
     assert 0 < corpus_bleu(corpus, shorter) < 1
 
 
-@pytest.mark.parametrize("object_tokens", [False, True])
-def test_a_few_steps_lower_the_loss(object_tokens):
+@pytest.mark.parametrize("object_tokens,object_slots", [(False, False), (True, False), (True, True)])
+def test_a_few_steps_lower_the_loss(object_tokens, object_slots):
     torch.manual_seed(0)
     captions = [world.caption({"size": s, "color": c, "shape": "square", "motion": "left",
                                "speed": "slow", "background": "grey"})
@@ -40,7 +40,7 @@ def test_a_few_steps_lower_the_loss(object_tokens):
                                    "speed": "fast", "background": "black", "color2": "white",
                                    "shape2": "triangle", "motion2": "still", "speed2": "", "size2": "large"}))
     model = Captioner(build_vocab(captions), width=16, layers=1, max_words=24, frames=5, size=16,
-                      object_tokens=object_tokens)
+                      object_tokens=object_tokens, object_slots=object_slots)
     video = torch.randn(len(captions), 3, 5, 16, 16)
     tokens = model.tokenize(captions)
     batch = (video, tokens, torch.zeros_like(tokens, dtype=torch.bool), model.attribute_targets(tokens))
@@ -133,6 +133,62 @@ def test_object_reader_follows_each_colour_through_the_frames():
     assert xs[0] < xs[1] < xs[2]  # moving right
     assert max(ys) - min(ys) < 0.05 and ys[0] > 0  # along the same row, below the middle
     assert reader(frames)[0].shape == (1, len(world.COLORS), 4)
+
+
+def test_each_word_reads_the_object_slot_of_the_colour_named_last():
+    captions = ["a small red circle moving left and a large blue square staying still"]
+    model = Captioner(build_vocab(captions), width=8, layers=1, max_words=16, frames=5, size=16,
+                      object_tokens=True, object_slots=True)
+    with torch.no_grad():
+        model.slot.weight.copy_(torch.eye(8)), model.slot.bias.zero_()  # zero-initialised: the identity here
+    tokens = model.tokenize(captions)
+    memory = torch.randn(1, 40, 8)
+    objects = memory[0, -len(world.COLORS):]
+    red, blue = (world.ATTRIBUTES["color"].index(c) for c in ("red", "blue"))
+    words = ["<bos>", *captions[0].split()]
+    slots = model.slots(memory, tokens)[0]
+    for i, word in enumerate(words):
+        if i < words.index("red"):  # nothing named yet
+            want = torch.zeros(8)
+        elif i < words.index("blue"):  # "red" itself, its shape and motion, "and a large"
+            want = objects[red]
+        else:
+            want = objects[blue]
+        torch.testing.assert_close(slots[i], want, msg=f"word {i} ({word})")
+
+
+def test_greedy_captions_with_slots_agree_with_the_teacher_forced_pass():
+    """`generate` recomputes the slots from its own words at every step: the words it picks are
+    the argmax of the teacher-forced forward pass on those same words."""
+    torch.manual_seed(0)
+    captions = ["a small red circle moving left and a large blue square staying still", "a blue square"]
+    model = Captioner(build_vocab(captions), width=16, layers=1, max_words=16, frames=5, size=16,
+                      object_tokens=True, object_slots=True).eval()
+    torch.nn.init.normal_(model.slot.weight)
+    with torch.no_grad():  # an untrained model: keep it from the words `generate` drops from its text
+        for special in ("<pad>", "<bos>", "<unk>"):
+            model.head.bias[model.index[special]] = -1e4
+        for colour in ("red", "blue"):  # and have it name a colour early, so that slots matter
+            model.head.bias[model.index[colour]] += 1.0
+    video = torch.randint(0, 256, (2, 3, 5, 16, 16), dtype=torch.uint8)
+    text = model.generate(video)
+    assert all(caption.split()[0] in ("red", "blue") for caption in text), text
+    from components.captioner import to_float
+    for i, caption in enumerate(text):
+        ids = [model.index[w] for w in ["<bos>", *caption.split()]]
+        tokens = torch.tensor([ids])
+        with torch.no_grad():
+            logits, _ = model(to_float(video[i:i + 1]), tokens)
+        assert logits[0, :-1].argmax(-1).tolist() == ids[1:]
+
+
+def test_slots_need_object_tokens():
+    from components.config import ConfigError
+    with pytest.raises(ValueError, match="object_tokens"):
+        Captioner(build_vocab(["a red circle"]), width=8, layers=1, max_words=8, frames=5, size=16,
+                  object_slots=True)
+    with pytest.raises(ConfigError, match="caption.object_tokens=true"):
+        CaptionConfig(object_slots=True).validate()
 
 
 def test_tokenize_rejects_long_captions():
