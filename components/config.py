@@ -180,6 +180,7 @@ class VAEConfig:
     patch: int = 2  # pixel (un)shuffle factor before the first conv; the rest of space_down is strided
     kl_weight: float = 1e-6
     mse_weight: float = 1.0  # L2 beside the L1 reconstruction loss: PSNR is an L2 measure
+    edge_weight: float = 0.0  # extra weight of the reconstruction error at the clip's edges
     steps: int = 1500
     batch_size: int = 16
     lr: float = 1e-3

@@ -11,7 +11,7 @@ from components.config import VAEConfig
 from components.dit import DiT, DiTSpec, apply_rope, rope_cos_sin
 from components.rectified_flow import rf_loss, sample
 from components.trainer import TrainSpec, fit
-from components.vae import VideoVAE, vae_loss
+from components.vae import VideoVAE, edge_map, vae_loss
 
 TINY_VAE = VAEConfig(base_channels=8, latent_channels=4, time_down=4, space_down=4, patch=2)
 TINY_DIT = DiTSpec(in_channels=4, dim=32, depth=2, heads=2, mlp_ratio=2.0, patch_t=1, patch_h=2, patch_w=2)
@@ -93,6 +93,29 @@ def test_vae_training_lowers_the_loss():
     with torch.no_grad():
         after = float(vae_loss(res.model, x, 1e-6, torch.Generator().manual_seed(0))[0])
     assert after < 0.7 * before, (before, after)
+
+
+def test_edge_weights_mark_the_edges_and_their_neighbours_only():
+    x = torch.full((1, 3, 2, 8, 8), -1.0)
+    x[:, 0, :, 2:5, 2:5] = 0.5  # a red square on black: a step of 1.5 in one channel
+    w = edge_map(x, 2.0)
+    assert w.shape == (1, 1, 2, 8, 8)
+    assert torch.equal(edge_map(torch.zeros(1, 3, 2, 8, 8), 2.0), torch.ones(1, 1, 2, 8, 8))  # flat: 1
+    assert w[0, 0, 0, 3, 3] == pytest.approx(1.0 + 2.0 * 1.5)  # within a pixel of the edge
+    assert w[0, 0, 0, 0, 7] == 1.0 and w[0, 0, 0, 7, 0] == 1.0  # far from it
+    assert torch.equal(w[:, :, 0], w[:, :, 1])  # per frame
+
+
+def test_edge_weight_zero_is_the_plain_loss_and_weights_raise_it():
+    torch.manual_seed(0)
+    vae = VideoVAE(TINY_VAE)
+    x = _video(2)
+    with torch.no_grad():
+        plain = vae_loss(vae, x, 1e-6, torch.Generator().manual_seed(0), mse_weight=1.0)
+        zero = vae_loss(vae, x, 1e-6, torch.Generator().manual_seed(0), mse_weight=1.0, edge_weight=0.0)
+        edged = vae_loss(vae, x, 1e-6, torch.Generator().manual_seed(0), mse_weight=1.0, edge_weight=2.0)
+    assert float(plain[0]) == float(zero[0])
+    assert float(edged[0]) > float(plain[0])
 
 
 # ----------------------------------------------------------------------------------------------
