@@ -9,8 +9,8 @@ on a CPU full-resolution convolutions cost most of the budget and buy little: wi
 convolution runs at 8x8 and trained to a higher PSNR per CPU-second than patch 2.
 
 KL-regularised (Kingma & Welling 2014) with a small weight; L1 plus L2 reconstruction loss, each
-pixel's error weighted up where the clip has an edge (`edge_map`, `vae.edge_weight`): the error sat
-on edges and corners, which is where a square becomes a circle. The
+pixel's error optionally weighted up where the clip has an edge (`edge_map`, `vae.edge_weight`): the
+error sits on edges and corners, which is where a square becomes a circle. The
 per-channel mean and std of the posterior means over the training clips are measured after
 training and stored in the checkpoint: the DiT sees `(mu - mean) / std`.
 """
