@@ -347,8 +347,9 @@ def vae_loss(model: VideoVAE, x: torch.Tensor, kl_weight: float,
     mse = err.pow(2).mean()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     loss = l1 + mse_weight * mse + kl_weight * kl
-    with torch.no_grad():
-        metrics = {"l1": float(diff.abs().mean()), "mse": float(diff.pow(2).mean()), "kl": float(kl)}
+    with torch.no_grad():  # the plain terms: the loss's own when nothing weights them
+        plain_l1, plain_mse = (diff.abs().mean(), diff.pow(2).mean()) if err is not diff else (l1, mse)
+        metrics = {"l1": float(plain_l1), "mse": float(plain_mse), "kl": float(kl)}
     return loss, metrics
 
 

@@ -10,8 +10,8 @@ import torch
 
 from components import world
 from components.captioner import (Captioner, ObjectReader, build_vocab, caption_loss, corpus_bleu, load_captioner,
-                                  present_colors, run_caption_stage, train_captioner)
-from components.config import CaptionConfig, Config, DataConfig
+                                  present_colors, run_caption_stage, to_float, train_captioner)
+from components.config import CaptionConfig, Config, ConfigError, DataConfig
 from components.prepare import prepare
 from components.synth import generate
 
@@ -173,7 +173,6 @@ def test_greedy_captions_with_slots_agree_with_the_teacher_forced_pass():
     video = torch.randint(0, 256, (2, 3, 5, 16, 16), dtype=torch.uint8)
     text = model.generate(video)
     assert all(caption.split()[0] in ("red", "blue") for caption in text), text
-    from components.captioner import to_float
     for i, caption in enumerate(text):
         ids = [model.index[w] for w in ["<bos>", *caption.split()]]
         tokens = torch.tensor([ids])
@@ -183,7 +182,6 @@ def test_greedy_captions_with_slots_agree_with_the_teacher_forced_pass():
 
 
 def test_slots_need_object_tokens():
-    from components.config import ConfigError
     with pytest.raises(ValueError, match="object_tokens"):
         Captioner(build_vocab(["a red circle"]), width=8, layers=1, max_words=8, frames=5, size=16,
                   object_slots=True)
