@@ -193,8 +193,19 @@ class VAEConfig:
     # The share of the steps, at the end, that trains on whole clips: windows never show the later
     # latent frames, which a causal VAE tells apart from the first (blurrier without these steps).
     full_clip_fraction: float = 0.0
+    # A second phase after the joint training: the encoder frozen (so the latents, and what the
+    # DiT learns from them, do not change), the decoder alone trained on whole clips for this many
+    # steps at decoder_lr, its error weighted by decoder_edge_weight (see edge_weight). 0: none.
+    decoder_steps: int = 0
+    decoder_lr: float = 1e-3
+    decoder_edge_weight: float = 0.0
 
     def validate(self) -> None:
+        _check(self.decoder_steps >= 0, "vae.decoder_steps", self.decoder_steps,
+               "use 0 (no decoder phase) or a positive number of steps")
+        _check(self.decoder_lr > 0, "vae.decoder_lr", self.decoder_lr, "use a positive learning rate")
+        _check(self.edge_weight >= 0 and self.decoder_edge_weight >= 0, "vae.edge_weight / decoder_edge_weight",
+               (self.edge_weight, self.decoder_edge_weight), "use weights >= 0 (0 turns the edge weight off)")
         _check(self.train_frames == 0 or (self.train_frames - 1) % self.time_down == 0, "vae.train_frames",
                self.train_frames, f"use 0 (whole clips) or 1 + k * vae.time_down ({self.time_down}) frames")
         _check(0.0 <= self.full_clip_fraction <= 1.0, "vae.full_clip_fraction", self.full_clip_fraction,

@@ -435,6 +435,36 @@ def load_vae(path: str | Path, device: torch.device | str) -> VideoVAE:
 # ----------------------------------------------------------------------------------------------
 
 
+def train_decoder(model: VideoVAE, train: list, sampler: BucketSampler, cfg: Config,
+                  ckpt_dir: Path | None = None, log: LogFn | None = None, extra: dict | None = None,
+                  device: torch.device | str = "cpu"):
+    """The decoder phase (`vae.decoder_steps`): the encoder frozen, the decoder trained alone on
+    whole clips (`train`: run_train_vae's native groups). The latents stay what the joint phase made
+    them, so the DiT's data does not move; the decoder gets sharper. Logged steps continue the
+    joint phase's count. Resumes from its own checkpoint in `ckpt_dir`."""
+    vcfg = cfg.vae
+
+    def batch_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Generator]:
+        b, idx = sampler.draw(vcfg.batch_size, gen)
+        return to_unit(train[b][2][idx]).to(device), gen
+
+    def loss_fn(m: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        x, gen = batch
+        return vae_loss(m, x, vcfg.kl_weight, gen, vcfg.mse_weight, vcfg.decoder_edge_weight)
+
+    spec = TrainSpec(steps=vcfg.decoder_steps, lr=vcfg.decoder_lr, warmup=vcfg.warmup,
+                     grad_clip=vcfg.grad_clip, seed=cfg.seed + 1)
+    phase = {**(extra or {}), "phase": "decoder", "decoder_edge_weight": vcfg.decoder_edge_weight}
+    shifted = (lambda step, metrics: log(vcfg.steps + step, metrics)) if log is not None else None
+    model.encoder.requires_grad_(False)
+    try:
+        return fit(model, loss_fn, batch_fn, spec, ckpt_dir=ckpt_dir, log=shifted, desc="vae decoder",
+                   fingerprint_extra=phase, samples_per_batch=vcfg.batch_size,
+                   params=list(model.decoder.parameters()))
+    finally:
+        model.encoder.requires_grad_(True)
+
+
 def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | None = None,
                   ckpt_dir: Path | None = None, device: torch.device | str = "cpu") -> dict:
     """Train the VAE on the train clips at their native sizes (each batch one shape, a shape's
@@ -476,12 +506,19 @@ def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | No
 
     spec = TrainSpec(steps=vcfg.steps, lr=vcfg.lr, warmup=vcfg.warmup, grad_clip=vcfg.grad_clip,
                      seed=cfg.seed)
-    extra = {"vae": dataclasses.asdict(vcfg), "n_train": len(train_ids)}
+    # The decoder phase's settings are left out, so changing them keeps the joint checkpoint.
+    joint_cfg = {k: v for k, v in dataclasses.asdict(vcfg).items() if not k.startswith("decoder_")}
+    extra = {"vae": joint_cfg, "n_train": len(train_ids)}
     if len(train) > 1:
         extra["buckets"] = [str(b) for b, _, _ in train]
     res = fit(model, loss_fn, batch_fn, spec, ckpt_dir=ckpt_dir, log=log, desc="vae",
               fingerprint_extra=extra, samples_per_batch=vcfg.batch_size)
     train_seconds = res.seconds
+    final_loss = res.final_loss
+    if vcfg.decoder_steps > 0:
+        dec = train_decoder(model, train, sampler, cfg, ckpt_dir=ckpt_dir, log=log, extra=extra, device=device)
+        train_seconds += dec.seconds
+        final_loss = dec.final_loss
 
     g = torch.Generator().manual_seed(cfg.seed)
     stats_idx = torch.randperm(len(train_ids), generator=g)[:STATS_CLIPS].tolist()
@@ -502,7 +539,7 @@ def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | No
         **{f"val_{k}": v for k, v in metrics.items()},  # per aspect, with more than one
         "val_clips": sum(len(ids) for _, ids, _ in evaluated),
         "buckets": len(train),
-        "final_loss": res.final_loss,
+        "final_loss": final_loss,
         "params": sum(p.numel() for p in model.parameters()),
         "train_seconds": train_seconds,
         "seconds": time.time() - t0,

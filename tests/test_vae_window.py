@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from components import vae as vae_module
-from components.config import Config, DataConfig, VAEConfig
+from components.config import Config, ConfigError, DataConfig, VAEConfig
 from components.prepare import prepare
 from components.synth import generate
 
@@ -56,3 +57,44 @@ def test_the_last_steps_train_on_whole_clips(clips, tmp_path, seen):
     cfg.validate()
     vae_module.run_train_vae(clips, tmp_path / "vae", cfg)
     assert seen[-6:] == [5, 5, 5, 5, 9, 9]
+
+
+def _decoder_cfg(decoder_steps: int, decoder_lr: float = 1e-3) -> Config:
+    cfg = Config(data=DATA, vae=VAEConfig(base_channels=8, latent_channels=4, steps=4, batch_size=4, warmup=1,
+                                          train_frames=5, decoder_steps=decoder_steps, decoder_lr=decoder_lr))
+    cfg.validate()
+    return cfg
+
+
+def test_the_decoder_phase_trains_the_decoder_alone_on_whole_clips(clips, tmp_path, seen):
+    logged: list[int] = []
+    vae_module.run_train_vae(clips, tmp_path / "joint", _decoder_cfg(0))
+    seen.clear()
+    vae_module.run_train_vae(clips, tmp_path / "both", _decoder_cfg(5), log=lambda step, m: logged.append(step))
+    assert seen[-5:] == [9] * 5  # the decoder's steps see whole clips
+    joint = vae_module.load_vae(tmp_path / "joint" / "vae.pt", "cpu")
+    both = vae_module.load_vae(tmp_path / "both" / "vae.pt", "cpu")
+    for (name, a), (_, b) in zip(joint.encoder.state_dict().items(), both.encoder.state_dict().items()):
+        assert torch.equal(a, b), f"the decoder phase changed encoder.{name}"
+    assert torch.equal(joint.latent_std, both.latent_std)  # the same latents: the DiT's data does not move
+    changed = [not torch.equal(a, b) for a, b in zip(joint.decoder.state_dict().values(),
+                                                    both.decoder.state_dict().values())]
+    assert any(changed)
+    assert max(logged) == 4 + 5  # the decoder's steps continue the joint phase's count
+    assert all(p.requires_grad for p in both.encoder.parameters())
+
+
+def test_a_new_decoder_setting_resumes_the_joint_phase(clips, tmp_path, seen):
+    ckpt = tmp_path / "ckpt"
+    vae_module.run_train_vae(clips, tmp_path / "a", _decoder_cfg(3), ckpt_dir=ckpt)
+    seen.clear()
+    vae_module.run_train_vae(clips, tmp_path / "b", _decoder_cfg(3, decoder_lr=5e-4), ckpt_dir=ckpt)
+    # no joint step (windows of 5 frames) ran again: only the decoder phase's whole clips
+    assert 5 not in seen and seen.count(9) >= 3
+
+
+def test_decoder_settings_are_checked():
+    with pytest.raises(ConfigError, match="vae.decoder_steps"):
+        VAEConfig(decoder_steps=-1).validate()
+    with pytest.raises(ConfigError, match="decoder_edge_weight"):
+        VAEConfig(decoder_edge_weight=-1.0).validate()
