@@ -214,6 +214,9 @@ def run(name: str, project: Project | None = None) -> dict:
     """Run one stage in this process (what `zoetrope stage NAME` and `dvc repro` call)."""
     project = project or Project.find()
     quiet_environment(project)
+    from components.trainer import flush_denormals
+
+    flush_denormals()  # inference (encode, captioning, generation) gains as training does
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}: stages are {', '.join(STAGES)}")
     from components.distributed import DistEnv
