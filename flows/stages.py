@@ -216,7 +216,7 @@ def run(name: str, project: Project | None = None) -> dict:
     quiet_environment(project)
     from components.trainer import flush_denormals
 
-    flush_denormals()  # inference (encode, captioning, generation) gains as training does
+    flush_denormals()  # inference (encode, captioning, generation) in the float mode training uses
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}: stages are {', '.join(STAGES)}")
     from components.distributed import DistEnv
