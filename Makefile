@@ -13,16 +13,21 @@ export MLFLOW_DISABLE_TELEMETRY=true
 
 .PHONY: setup run test test-fast mlflow-ui up deploy clean
 
-# torch is pinned (==2.13.0) in pyproject.toml: pip takes the CPU wheel on this machine's disk.
+# torch is pinned (==2.13.0) in pyproject.toml: the installer takes the CPU wheel on this machine's
+# disk (pip's find-links, PIP_FIND_LINKS, is passed on to uv).
+# uv installs the same versions as pip in a fraction of the time (fresh venv, warm caches: 9 s
+# against pip's 35 s, and 54 s with uv's cache empty); where uv cannot be installed, pip does it.
 # The installed packages must be byte-compiled: where PYTHONDONTWRITEBYTECODE is set (as on this
 # machine) Python would otherwise compile every imported module again in every process (the test
-# suite took 1007 s against 683 s). pip compiles on one core (98 s here); compileall on every core
-# does the same in 31 s after a 35 s --no-compile install. It skips the Python-3.12-only files
-# (py312_*, *_312.py) that pip also fails to compile and ignores.
+# suite took 1007 s against 683 s). compileall on every core does it in ~35 s. It skips the
+# Python-3.12-only files (py312_*, *_312.py) that pip also fails to compile and ignores.
+FIND_LINKS := $(foreach d,$(PIP_FIND_LINKS),--find-links $(d))
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e ".[test]"
+	( $(PY) -m pip install --quiet uv \
+	  && $(VENV)/bin/uv pip install --quiet --python $(PY) $(FIND_LINKS) -e ".[test]" ) \
+	|| ( $(PY) -m pip install --quiet --upgrade pip \
+	  && $(PY) -m pip install --quiet --no-compile -e ".[test]" )
 	$(PY) -m compileall -q -j 0 -x '(py312|_312)' $(VENV)/lib > /dev/null
 	touch $(STAMP)
 
