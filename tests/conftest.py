@@ -12,6 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every library's scratch files (torchrun's rendezvous folders, Inductor's cache, Dask's scratch
+# space, Prefect's runner storage, MLflow's artifact downloads) go here, this process's and its
+# subprocesses', and are removed when the session ends instead of piling up in /tmp.
+_TMP = Path(tempfile.mkdtemp(prefix="zoetrope-test-tmp-"))
+os.environ["TMPDIR"] = str(_TMP)
+tempfile.tempdir = str(_TMP)
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 _HOME = Path(tempfile.mkdtemp(prefix="zoetrope-test-home-"))
 # The homes hold BentoML's model store (~100 MB a session): removed when the session ends.
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
