@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY=true
 # against pip's 35 s, and 54 s with uv's cache empty); where uv cannot be installed, pip does it.
 # The installed packages must be byte-compiled: where PYTHONDONTWRITEBYTECODE is set (as on this
 # machine) Python would otherwise compile every imported module again in every process (the test
-# suite took 1007 s against 683 s). compileall on every core does it in ~35 s. It skips the
+# suite took 1007 s against 683 s). compileall on every core does it in 31-40 s. It skips the
 # Python-3.12-only files (py312_*, *_312.py) that pip also fails to compile and ignores.
 FIND_LINKS := $(foreach d,$(PIP_FIND_LINKS),--find-links $(d))
 $(STAMP): pyproject.toml

@@ -19,9 +19,9 @@ _TMP = Path(tempfile.mkdtemp(prefix="zoetrope-test-tmp-"))
 os.environ["TMPDIR"] = str(_TMP)
 tempfile.tempdir = str(_TMP)
 atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
-_HOME = Path(tempfile.mkdtemp(prefix="zoetrope-test-home-"))
-# The homes hold BentoML's model store (~100 MB a session): removed when the session ends.
-atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+# The homes hold BentoML's model store (~100 MB a session): removed with _TMP.
+_HOME = _TMP / "home"
+_HOME.mkdir()
 
 # Set before Prefect, MLflow or BentoML are imported by any test module.
 from flows.project import QUIET_ENV  # noqa: E402 - light: no orchestration library behind it
