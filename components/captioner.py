@@ -18,7 +18,6 @@ against the canonical captions.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 import time
@@ -34,7 +33,7 @@ from components import world
 from components.checkpoint import atomic_write_text, load_model, save_model
 from components.clips import Clips, load_clips, square_shard
 from components.config import CaptionConfig, Config
-from components.trainer import LogFn, TrainSpec, fit
+from components.trainer import LogFn, TrainSpec, data_digest, fit
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -453,7 +452,7 @@ def train_captioner(
         return to_float(clips).to(device), words.to(device), drop.to(device), attrs
 
     # The clips too: the same captions on other clips (say, cut at other lengths) must not resume.
-    digest = hashlib.sha256("\n".join(captions).encode() + video.numpy().tobytes()).hexdigest()[:16]
+    digest = data_digest(captions, video)
     spec = TrainSpec(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, weight_decay=0.01,
                      grad_clip=1.0, seed=seed)
     fit(model, caption_loss, batch_fn, spec, ckpt_dir=ckpt_dir, desc="captioner", log=log,

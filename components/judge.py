@@ -19,7 +19,7 @@ from components import world
 from components.captioner import VideoEncoder, to_float
 from components.checkpoint import load_model, save_model
 from components.config import EvalConfig
-from components.trainer import LogFn, TrainSpec, fit
+from components.trainer import LogFn, TrainSpec, data_digest, fit
 
 NOISE_MAX = 0.06  # largest additive noise std, on the [-1, 1] scale
 
@@ -181,6 +181,7 @@ def train_judge(
     spec = TrainSpec(steps=cfg.judge_steps, lr=cfg.judge_lr, warmup=min(50, cfg.judge_steps // 10),
                      weight_decay=0.01, grad_clip=1.0, seed=seed)
     fit(model, judge_loss, batch_fn, spec, ckpt_dir=ckpt_dir, desc="judge", log=log,
-        fingerprint_extra={"model": model.config, "n": len(videos)},
+        # The clips too: a judge for one VAE's reconstructions must not resume for another's.
+        fingerprint_extra={"model": model.config, "n": len(videos), "data": data_digest(videos, labels)},
         samples_per_batch=cfg.judge_batch_size)
     return model.eval()

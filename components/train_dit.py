@@ -17,7 +17,7 @@ from components.checkpoint import save_model
 from components.config import Config
 from components.dit import DiT, DiTSpec, dit_config_dict
 from components.rectified_flow import rf_loss
-from components.trainer import LogFn, TrainSpec, fit
+from components.trainer import LogFn, TrainSpec, data_digest, fit
 
 VAL_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed timesteps of the validation flow-matching loss
 VAL_CLIPS = 256
@@ -105,7 +105,9 @@ def run_train_dit(encoded_dir: Path, model_dir: Path, cfg: Config, log: LogFn | 
 
     tspec = TrainSpec(steps=dcfg.steps, lr=dcfg.lr, warmup=dcfg.warmup, grad_clip=dcfg.grad_clip,
                       ema=dcfg.ema, seed=cfg.seed)
-    extra = {"config": dit_config_dict(spec, dcfg), "n_train": len(train_idx)}
+    # The latents and captions too: a new VAE or captioner must not resume a DiT trained on the old ones.
+    data = data_digest([x for x, _ in buckets], [c for _, c in buckets], tokens, masks)
+    extra = {"config": dit_config_dict(spec, dcfg), "n_train": len(train_idx), "data": data}
     if len(buckets) > 1:
         extra["buckets"] = [list(x.shape[1:]) for x, _ in buckets]
     mean_tokens = sum(n * len(x) for n, (x, _) in zip(n_tokens, buckets)) / len(train_idx)

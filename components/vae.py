@@ -31,7 +31,7 @@ from components.buckets import Bucket, BucketSampler
 from components.checkpoint import load_model, save_model
 from components.config import Config, VAEConfig
 from components.metrics import psnr, ssim
-from components.trainer import LogFn, TrainSpec, fit
+from components.trainer import LogFn, TrainSpec, data_digest, fit
 
 STATS_CLIPS = 1024  # training clips whose posterior means give the latent mean / std
 EVAL_BATCH = 32
@@ -508,7 +508,8 @@ def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | No
                      seed=cfg.seed)
     # The decoder phase's settings are left out, so changing them keeps the joint checkpoint.
     joint_cfg = {k: v for k, v in dataclasses.asdict(vcfg).items() if not k.startswith("decoder_")}
-    extra = {"vae": joint_cfg, "n_train": len(train_ids)}
+    # The clips too (other clips of the same count must not resume); the decoder phase inherits it.
+    extra = {"vae": joint_cfg, "n_train": len(train_ids), "data": data_digest([v for _, _, v in train])}
     if len(train) > 1:
         extra["buckets"] = [str(b) for b, _, _ in train]
     res = fit(model, loss_fn, batch_fn, spec, ckpt_dir=ckpt_dir, log=log, desc="vae",

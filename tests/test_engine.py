@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from components.flops import train_step_flops
-from components.trainer import TrainSpec, fit
+from components.trainer import TrainSpec, data_digest, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = ROOT / "tests" / "engine_child.py"
@@ -209,3 +209,21 @@ def test_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     for part in ("model", "ema"):
         for name, t in a[part].items():
             assert torch.equal(t, b[part][name]), (part, name, kills)
+
+
+def test_the_data_digest_tells_apart_what_a_run_trains_on():
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    base = data_digest(x, ["a red circle", "a blue square"], {"shape": ["circle", "square"]})
+    assert base == data_digest(x.clone(), ["a red circle", "a blue square"], {"shape": ["circle", "square"]})
+    changed = x.clone()
+    changed[2, 3] += 1e-3
+    others = [
+        data_digest(changed, ["a red circle", "a blue square"], {"shape": ["circle", "square"]}),
+        data_digest(x, ["a red circle", "a blue circle"], {"shape": ["circle", "square"]}),
+        data_digest(x, ["a red circle", "a blue square"], {"shape": ["square", "circle"]}),
+        data_digest(x.reshape(4, 3), ["a red circle", "a blue square"], {"shape": ["circle", "square"]}),
+        data_digest(x.double(), ["a red circle", "a blue square"], {"shape": ["circle", "square"]}),
+    ]
+    assert len({base, *others}) == 6
+    with pytest.raises(TypeError, match="not int"):
+        data_digest(3)

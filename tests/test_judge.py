@@ -54,3 +54,21 @@ def test_bad_inputs_are_named():
     judge = train_judge(videos, labels, cfg, seed=0)
     with pytest.raises(ValueError, match="uint8"):
         judge.predict(videos.float())
+
+
+def test_a_checkpoint_resumes_only_for_the_clips_it_was_trained_on(tmp_path):
+    # The evaluation stage trains the judge on a VAE's reconstructions: the same count and labels
+    # from another VAE are other data, and must not get the old, finished judge back.
+    videos, labels = _videos(8)
+    other = (255 - videos).contiguous()
+    cfg = EvalConfig(judge_steps=4, judge_batch_size=4, judge_width=16)
+    ckpt = tmp_path / "ckpt"
+    first = train_judge(videos, labels, cfg, seed=0, ckpt_dir=ckpt)
+    on_other = train_judge(other, labels, cfg, seed=0, ckpt_dir=ckpt)
+    fresh_other = train_judge(other, labels, cfg, seed=0)
+    again = train_judge(videos, labels, cfg, seed=0, ckpt_dir=ckpt)
+    for a, b, c, d in zip(first.state_dict().values(), on_other.state_dict().values(),
+                          fresh_other.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(b, c)  # trained afresh on the other clips
+        assert torch.equal(a, d)  # the first clips' checkpoint still resumes
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), on_other.state_dict().values()))
