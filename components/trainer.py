@@ -117,7 +117,7 @@ def data_digest(*parts: Any) -> str:
     def feed(x: Any) -> None:
         if isinstance(x, torch.Tensor):
             h.update(f"{x.dtype}{tuple(x.shape)}".encode())
-            h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())  # its buffer, no copy
         elif isinstance(x, str):
             h.update(x.encode())
         elif isinstance(x, dict):
