@@ -299,7 +299,13 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, video: torch.Tensor, batch_size: int = 256) -> list[str]:
-        """Greedy captions for uint8 (B, 3, T, H, W) clips."""
+        """Greedy captions for uint8 (B, 3, T, H, W) clips.
+
+        Incremental decoding: each step runs the decoder on the newest word only, against each
+        layer's cached keys and values of the words before it and of the memory (computed once),
+        so a caption of L words costs L one-word passes instead of L passes over the whole
+        prefix. The logits equal a full forward pass over the prefix (`forward`; tested).
+        """
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -307,14 +313,13 @@ class Captioner(nn.Module):
         for start in range(0, len(video), batch_size):
             x = to_float(video[start : start + batch_size].to(device))
             memory, _ = self.encode(x)  # (B, N + 1 + M + C, D)
+            cache = _DecoderCache(self.decoder, memory)
             tokens = torch.full((len(x), 1), self.index[BOS], dtype=torch.long, device=device)
-            causal = nn.Transformer.generate_square_subsequent_mask(self.max_len, device=device)
             for step in range(1, self.max_len):
-                h = self.embed(tokens) + self.pos[:, :step]
+                h = self.embed(tokens[:, -1:]) + self.pos[:, step - 1 : step]  # (B, 1, D)
                 if self.object_slots:
-                    h = h + self.slots(memory, tokens)
-                h = self.decoder(h, memory, tgt_mask=causal[:step, :step], tgt_is_causal=True)
-                nxt = self.head(h[:, -1]).argmax(-1, keepdim=True)  # (B, 1)
+                    h = h + self.slots(memory, tokens)[:, -1:]
+                nxt = self.head(cache.step(h)[:, -1]).argmax(-1, keepdim=True)  # (B, 1)
                 tokens = torch.cat([tokens, nxt], 1)
                 if (tokens == self.index[EOS]).any(1).all():
                     break
@@ -327,6 +332,53 @@ class Captioner(nn.Module):
                 out.append(" ".join(w for w in words if w not in SPECIALS))
         self.train(was_training)
         return out
+
+
+class _DecoderCache:
+    """One-word-at-a-time evaluation of a pre-norm `nn.TransformerDecoder` (no dropout), with
+    each layer's self-attention keys / values of the words so far and its cross-attention keys /
+    values of the memory kept between steps."""
+
+    def __init__(self, decoder: nn.TransformerDecoder, memory: torch.Tensor):
+        self.decoder = decoder
+        self.keys: list[torch.Tensor | None] = [None] * len(decoder.layers)
+        self.values: list[torch.Tensor | None] = [None] * len(decoder.layers)
+        self.memory = []
+        for layer in decoder.layers:
+            if not layer.norm_first:
+                raise ValueError("incremental decoding expects a pre-norm decoder (norm_first=True)")
+            attn = layer.multihead_attn
+            _, wk, wv = attn.in_proj_weight.chunk(3)
+            _, bk, bv = attn.in_proj_bias.chunk(3)
+            self.memory.append((self._heads(attn, F.linear(memory, wk, bk)),
+                                self._heads(attn, F.linear(memory, wv, bv))))
+
+    @staticmethod
+    def _heads(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.view(b, n, attn.num_heads, d // attn.num_heads).transpose(1, 2)  # (B, H, n, d/H)
+
+    def _attend(self, attn: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        o = F.scaled_dot_product_attention(self._heads(attn, q), k, v)  # (B, H, 1, d/H)
+        return attn.out_proj(o.transpose(1, 2).flatten(2))
+
+    def step(self, h: torch.Tensor) -> torch.Tensor:
+        """The newest word's input (B, 1, D) -> the decoder's output for it (B, 1, D)."""
+        for i, layer in enumerate(self.decoder.layers):
+            sa = layer.self_attn
+            q, k, v = F.linear(layer.norm1(h), sa.in_proj_weight, sa.in_proj_bias).chunk(3, -1)
+            k, v = self._heads(sa, k), self._heads(sa, v)
+            if self.keys[i] is not None:
+                k, v = torch.cat([self.keys[i], k], 2), torch.cat([self.values[i], v], 2)
+            self.keys[i], self.values[i] = k, v
+            h = h + self._attend(sa, q, k, v)  # every earlier word: the causal mask's row
+            ca = layer.multihead_attn
+            wq, _, _ = ca.in_proj_weight.chunk(3)
+            bq, _, _ = ca.in_proj_bias.chunk(3)
+            h = h + self._attend(ca, F.linear(layer.norm2(h), wq, bq), *self.memory[i])
+            h = h + layer.linear2(layer.activation(layer.linear1(layer.norm3(h))))
+        return self.decoder.norm(h) if self.decoder.norm is not None else h
 
 
 def save_captioner(model: Captioner, path: Path) -> None:

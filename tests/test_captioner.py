@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from components import world
-from components.captioner import (Captioner, ObjectReader, build_vocab, caption_loss, corpus_bleu, load_captioner,
-                                  present_colors, run_caption_stage, to_float, train_captioner)
+from components.captioner import (Captioner, ObjectReader, _DecoderCache, build_vocab, caption_loss, corpus_bleu,
+                                  load_captioner, present_colors, run_caption_stage, to_float, train_captioner)
 from components.config import CaptionConfig, Config, ConfigError, DataConfig
 from components.prepare import prepare
 from components.synth import generate
@@ -179,6 +179,26 @@ def test_greedy_captions_with_slots_agree_with_the_teacher_forced_pass():
         with torch.no_grad():
             logits, _ = model(to_float(video[i:i + 1]), tokens)
         assert logits[0, :-1].argmax(-1).tolist() == ids[1:]
+
+
+@pytest.mark.parametrize("object_tokens", [False, True])
+def test_incremental_decoding_equals_the_full_decoder_pass(object_tokens):
+    """`generate` runs the decoder one word at a time against cached keys and values: at every
+    position its output equals the full causal pass over the whole prefix."""
+    torch.manual_seed(0)
+    captions = ["a small red circle moving left and a large blue square staying still"]
+    model = Captioner(build_vocab(captions), width=16, layers=2, max_words=16, frames=5, size=16,
+                      object_tokens=object_tokens, object_slots=object_tokens).eval()
+    video = to_float(torch.randint(0, 256, (3, 3, 5, 16, 16), dtype=torch.uint8))
+    tokens = torch.randint(4, len(model.vocab), (3, 9))
+    with torch.no_grad():
+        memory, _ = model.encode(video)
+        h = model.embed(tokens) + model.pos[:, :9]
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(9)
+        full = model.decoder(h, memory, tgt_mask=causal, tgt_is_causal=True)
+        cache = _DecoderCache(model.decoder, memory)
+        steps = torch.cat([cache.step(h[:, i : i + 1]) for i in range(9)], 1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
 
 
 def test_slots_need_object_tokens():
