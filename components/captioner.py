@@ -10,7 +10,8 @@ that follows that colour's object through the frames (`ObjectReader`), so that w
 it can tell whose shape and motion is whose. A small autoregressive transformer decoder over a
 word vocabulary (built from the training captions) cross-attends to them; with object slots each
 word's input also carries the object token of the colour named last, so that the words after
-"red" describe the red object (`Captioner.slots`). Greedy decoding.
+"red" describe the red object (`Captioner.slots`). Greedy decoding, one word a step against each
+layer's cached keys and values (`_DecoderCache`).
 Evaluation parses captions back into attributes (`world.parse_caption`) and scores corpus BLEU-4
 against the canonical captions.
 """
