@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from components.captioner import BOS, EOS, SPECIALS, Captioner, load_captioner, to_float  # noqa: E402
+from components.captioner import BOS, EOS, Captioner, load_captioner, to_float  # noqa: E402
 from components.clips import square_shard  # noqa: E402
 
 
@@ -45,10 +45,7 @@ def full_prefix_generate(model: Captioner, video: torch.Tensor, batch_size: int 
             tokens = torch.cat([tokens, model.head(h[:, -1]).argmax(-1, keepdim=True)], 1)
             if (tokens == model.index[EOS]).any(1).all():
                 break
-        for row in tokens[:, 1:].tolist():
-            end = row.index(model.index[EOS]) if model.index[EOS] in row else len(row)
-            words = [model.vocab[t] for t in row[:end]]
-            out.append(" ".join(w for w in words if w not in SPECIALS))
+        out.extend(model.detokenize(tokens[:, 1:]))
     return out
 
 

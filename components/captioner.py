@@ -324,14 +324,16 @@ class Captioner(nn.Module):
                 tokens = torch.cat([tokens, nxt], 1)
                 if (tokens == self.index[EOS]).any(1).all():
                     break
-            for row in tokens[:, 1:].tolist():
-                words = []
-                for t in row:
-                    if t == self.index[EOS]:
-                        break
-                    words.append(self.vocab[t])
-                out.append(" ".join(w for w in words if w not in SPECIALS))
+            out.extend(self.detokenize(tokens[:, 1:]))
         self.train(was_training)
+        return out
+
+    def detokenize(self, tokens: torch.Tensor) -> list[str]:
+        """Generated word ids (B, L), without BOS -> the text of each row up to its first EOS."""
+        out = []
+        for row in tokens.tolist():
+            end = row.index(self.index[EOS]) if self.index[EOS] in row else len(row)
+            out.append(" ".join(w for w in (self.vocab[t] for t in row[:end]) if w not in SPECIALS))
         return out
 
 
@@ -344,13 +346,15 @@ class _DecoderCache:
         self.decoder = decoder
         self.keys: list[torch.Tensor | None] = [None] * len(decoder.layers)
         self.values: list[torch.Tensor | None] = [None] * len(decoder.layers)
-        self.memory = []
+        self.query: list[tuple[torch.Tensor, torch.Tensor]] = []  # cross-attention query projection
+        self.memory: list[tuple[torch.Tensor, torch.Tensor]] = []  # its keys and values of the memory
         for layer in decoder.layers:
             if not layer.norm_first:
                 raise ValueError("incremental decoding expects a pre-norm decoder (norm_first=True)")
             attn = layer.multihead_attn
-            _, wk, wv = attn.in_proj_weight.chunk(3)
-            _, bk, bv = attn.in_proj_bias.chunk(3)
+            wq, wk, wv = attn.in_proj_weight.chunk(3)
+            bq, bk, bv = attn.in_proj_bias.chunk(3)
+            self.query.append((wq, bq))
             self.memory.append((self._heads(attn, F.linear(memory, wk, bk)),
                                 self._heads(attn, F.linear(memory, wv, bv))))
 
@@ -374,10 +378,7 @@ class _DecoderCache:
                 k, v = torch.cat([self.keys[i], k], 2), torch.cat([self.values[i], v], 2)
             self.keys[i], self.values[i] = k, v
             h = h + self._attend(sa, q, k, v)  # every earlier word: the causal mask's row
-            ca = layer.multihead_attn
-            wq, _, _ = ca.in_proj_weight.chunk(3)
-            bq, _, _ = ca.in_proj_bias.chunk(3)
-            h = h + self._attend(ca, F.linear(layer.norm2(h), wq, bq), *self.memory[i])
+            h = h + self._attend(layer.multihead_attn, F.linear(layer.norm2(h), *self.query[i]), *self.memory[i])
             h = h + layer.linear2(layer.activation(layer.linear1(layer.norm3(h))))
         return self.decoder.norm(h) if self.decoder.norm is not None else h
 
