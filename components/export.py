@@ -41,8 +41,8 @@ from components.vae import VideoVAE, load_vae
 EXPORT_BATCH = 2  # example batch at export; parity runs at PARITY_BATCH to prove the axis is dynamic
 PARITY_BATCH = 3
 # The per-step DiT graph is exported at least at opset 20, where GELU is one `Gelu` node;
-# below it the exporter writes eight elementwise nodes per block, which ORT's CPU provider
-# does not fuse. ONNX Runtime 1.17+ runs opset 20.
+# below it the exporter writes five elementwise nodes per block (Div, Erf, Add, Mul, Mul),
+# which ORT's basic optimiser does not fuse. ONNX Runtime 1.17+ runs opset 20.
 DIT_STEP_MIN_OPSET = 20
 
 
