@@ -199,11 +199,16 @@ class VAEConfig:
     decoder_steps: int = 0
     decoder_lr: float = 1e-3
     decoder_edge_weight: float = 0.0
+    # Noise added to the latents the decoder phase decodes: per clip a level drawn uniformly in
+    # [0, decoder_noise], in units of each latent channel's std. 0: none.
+    decoder_noise: float = 0.0
 
     def validate(self) -> None:
         _check(self.decoder_steps >= 0, "vae.decoder_steps", self.decoder_steps,
                "use 0 (no decoder phase) or a positive number of steps")
         _check(self.decoder_lr > 0, "vae.decoder_lr", self.decoder_lr, "use a positive learning rate")
+        _check(self.decoder_noise >= 0, "vae.decoder_noise", self.decoder_noise,
+               "use a noise level >= 0 (0 adds none)")
         _check(self.edge_weight >= 0 and self.decoder_edge_weight >= 0, "vae.edge_weight / decoder_edge_weight",
                (self.edge_weight, self.decoder_edge_weight), "use weights >= 0 (0 turns the edge weight off)")
         _check(self.train_frames == 0 or (self.train_frames - 1) % self.time_down == 0, "vae.train_frames",

@@ -317,11 +317,18 @@ class VideoVAE(nn.Module):
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
-        """Reconstruction (unclamped, for the loss), posterior mean and log-variance."""
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                latent_noise: torch.Tensor | None = None):
+        """Reconstruction (unclamped, for the loss), posterior mean and log-variance.
+
+        `latent_noise` (B, c): the std of Gaussian noise added to each clip's latent channels
+        before decoding (the decoder phase's `vae.decoder_noise`)."""
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, generator=generator).to(mu.device)
         z = mu + torch.exp(0.5 * logvar) * eps
+        if latent_noise is not None:
+            noise = torch.randn(mu.shape, generator=generator).to(mu.device)
+            z = z + latent_noise.to(mu.device)[:, :, None, None, None] * noise
         return self.decoder(z), mu, logvar
 
 
@@ -337,10 +344,12 @@ def edge_map(x: torch.Tensor, weight: float) -> torch.Tensor:
 
 def vae_loss(model: VideoVAE, x: torch.Tensor, kl_weight: float,
              generator: torch.Generator | None = None,
-             mse_weight: float = 0.0, edge_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+             mse_weight: float = 0.0, edge_weight: float = 0.0,
+             latent_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """L1 + mse_weight * L2 of the reconstruction error, that error first scaled by `edge_map`
-    when edge_weight > 0, plus kl_weight * KL. The metrics are the plain (unweighted) L1 and L2."""
-    recon, mu, logvar = model(x, generator)
+    when edge_weight > 0, plus kl_weight * KL. The metrics are the plain (unweighted) L1 and L2.
+    `latent_noise`: see `VideoVAE.forward`."""
+    recon, mu, logvar = model(x, generator, latent_noise)
     diff = recon - x
     err = diff * edge_map(x, edge_weight) if edge_weight > 0 else diff
     l1 = err.abs().mean()
@@ -441,8 +450,14 @@ def train_decoder(model: VideoVAE, train: list, sampler: BucketSampler, cfg: Con
     """The decoder phase (`vae.decoder_steps`): the encoder frozen, the decoder trained alone on
     whole clips (`train`: run_train_vae's native groups). The latents stay what the joint phase made
     them, so the DiT's data does not move; the decoder gets sharper. Logged steps continue the
-    joint phase's count. Resumes from its own checkpoint in `ckpt_dir`."""
+    joint phase's count. Resumes from its own checkpoint in `ckpt_dir`.
+
+    With `vae.decoder_noise` > 0 each clip's latents get Gaussian noise before decoding, its std a
+    level drawn uniformly in [0, decoder_noise] times each channel's std (`model.latent_std`,
+    measured before this phase): the decoder learns to draw clean objects from latents as
+    imprecise as the DiT's."""
     vcfg = cfg.vae
+    channel_std = model.latent_std.detach().cpu()
 
     def batch_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Generator]:
         b, idx = sampler.draw(vcfg.batch_size, gen)
@@ -450,11 +465,18 @@ def train_decoder(model: VideoVAE, train: list, sampler: BucketSampler, cfg: Con
 
     def loss_fn(m: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         x, gen = batch
-        return vae_loss(m, x, vcfg.kl_weight, gen, vcfg.mse_weight, vcfg.decoder_edge_weight)
+        noise = None
+        if vcfg.decoder_noise > 0:
+            level = vcfg.decoder_noise * torch.rand(len(x), generator=gen)
+            noise = level[:, None] * channel_std[None, :]
+        return vae_loss(m, x, vcfg.kl_weight, gen, vcfg.mse_weight, vcfg.decoder_edge_weight,
+                        latent_noise=noise)
 
     spec = TrainSpec(steps=vcfg.decoder_steps, lr=vcfg.decoder_lr, warmup=vcfg.warmup,
                      grad_clip=vcfg.grad_clip, seed=cfg.seed + 1)
     phase = {**(extra or {}), "phase": "decoder", "decoder_edge_weight": vcfg.decoder_edge_weight}
+    if vcfg.decoder_noise > 0:  # absent at 0: the checkpoints of runs before the setting still resume
+        phase["decoder_noise"] = vcfg.decoder_noise
     shifted = (lambda step, metrics: log(vcfg.steps + step, metrics)) if log is not None else None
     model.encoder.requires_grad_(False)
     try:
@@ -516,17 +538,18 @@ def run_train_vae(clips_dir: Path, model_dir: Path, cfg: Config, log: LogFn | No
               fingerprint_extra=extra, samples_per_batch=vcfg.batch_size)
     train_seconds = res.seconds
     final_loss = res.final_loss
-    if vcfg.decoder_steps > 0:
-        dec = train_decoder(model, train, sampler, cfg, ckpt_dir=ckpt_dir, log=log, extra=extra, device=device)
-        train_seconds += dec.seconds
-        final_loss = dec.final_loss
 
+    # The encoder is final now (the decoder phase leaves it frozen): its latents' statistics too.
     g = torch.Generator().manual_seed(cfg.seed)
     stats_idx = torch.randperm(len(train_ids), generator=g)[:STATS_CLIPS].tolist()
     stats = clips.native([train_ids[k] for k in stats_idx])
     mean, std = measure_latent_stats(model, [video for _, _, video in stats], device)
     model.latent_mean.copy_(mean)
     model.latent_std.copy_(std)
+    if vcfg.decoder_steps > 0:
+        dec = train_decoder(model, train, sampler, cfg, ckpt_dir=ckpt_dir, log=log, extra=extra, device=device)
+        train_seconds += dec.seconds
+        final_loss = dec.final_loss
     evaluated = clips.native(val_ids) if val_ids else clips.native([train_ids[k] for k in stats_idx[:EVAL_BATCH * 4]])
     metrics = recon_metrics_by_shape(model, [(b, video) for b, _, video in evaluated], device)
 

@@ -59,9 +59,10 @@ def test_the_last_steps_train_on_whole_clips(clips, tmp_path, seen):
     assert seen[-6:] == [5, 5, 5, 5, 9, 9]
 
 
-def _decoder_cfg(decoder_steps: int, decoder_lr: float = 1e-3) -> Config:
+def _decoder_cfg(decoder_steps: int, decoder_lr: float = 1e-3, decoder_noise: float = 0.0) -> Config:
     cfg = Config(data=DATA, vae=VAEConfig(base_channels=8, latent_channels=4, steps=4, batch_size=4, warmup=1,
-                                          train_frames=5, decoder_steps=decoder_steps, decoder_lr=decoder_lr))
+                                          train_frames=5, decoder_steps=decoder_steps, decoder_lr=decoder_lr,
+                                          decoder_noise=decoder_noise))
     cfg.validate()
     return cfg
 
@@ -93,8 +94,42 @@ def test_a_new_decoder_setting_resumes_the_joint_phase(clips, tmp_path, seen):
     assert 5 not in seen and seen.count(9) >= 3
 
 
+def test_decoder_noise_reaches_only_the_decoder_phase_scaled_by_each_channels_std(clips, tmp_path, monkeypatch):
+    noises: list[torch.Tensor | None] = []
+    real_loss = vae_module.vae_loss
+
+    def spy(model, x, *args, **kwargs):
+        noise = kwargs.get("latent_noise")
+        noises.append(None if noise is None else noise.clone())
+        return real_loss(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(vae_module, "vae_loss", spy)
+    vae_module.run_train_vae(clips, tmp_path / "noisy", _decoder_cfg(4, decoder_noise=0.5))
+    # the joint phase's 4 steps (and its latents) see no added noise; every pass of the decoder
+    # phase (its 4 steps and fit's FLOP-counting pass) does
+    first = next(k for k, n in enumerate(noises) if n is not None)
+    assert first >= 4 and len(noises) - first == 5 and all(n is not None for n in noises[first:])
+    std = vae_module.load_vae(tmp_path / "noisy" / "vae.pt", "cpu").latent_std
+    levels = torch.stack([n / std for n in noises[first:]])  # (passes, batch, channels): one level per clip
+    assert levels.shape == (5, 4, 4)
+    assert torch.allclose(levels, levels[..., :1].expand_as(levels), rtol=1e-5)
+    assert levels.min() >= 0 and levels.max() <= 0.5 and levels.std() > 0
+
+
+def test_latent_noise_changes_the_decode_and_zero_noise_does_not():
+    torch.manual_seed(0)
+    model = vae_module.VideoVAE(VAEConfig(base_channels=8, latent_channels=4))
+    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    plain, _, _ = model(x, torch.Generator().manual_seed(1))
+    zero, _, _ = model(x, torch.Generator().manual_seed(1), torch.zeros(2, 4))
+    noisy, _, _ = model(x, torch.Generator().manual_seed(1), torch.full((2, 4), 0.5))
+    assert torch.equal(plain, zero) and not torch.allclose(plain, noisy)
+
+
 def test_decoder_settings_are_checked():
     with pytest.raises(ConfigError, match="vae.decoder_steps"):
         VAEConfig(decoder_steps=-1).validate()
     with pytest.raises(ConfigError, match="decoder_edge_weight"):
         VAEConfig(decoder_edge_weight=-1.0).validate()
+    with pytest.raises(ConfigError, match="vae.decoder_noise"):
+        VAEConfig(decoder_noise=-0.1).validate()
