@@ -32,8 +32,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from dit_ablation import variant_arguments  # noqa: E402
 
 from components import config, world  # noqa: E402
 from components.clips import load_clips  # noqa: E402
@@ -70,13 +73,8 @@ def noisy_reconstructions(vae, video: torch.Tensor, level: float, seed: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--project", type=Path, default=Path("."))
-    ap.add_argument("--tag", required=True, help="name of this variant (its output folder)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--profile", default="tiny")
-    ap.add_argument("--prompts", type=int, default=96, help="prompts per split")
+    variant_arguments(ap, prompts=96, out=".zoetrope/decoder_ablation")
     ap.add_argument("--noise", default="0,0.1,0.2,0.3,0.5", help="latent noise levels of the probe")
-    ap.add_argument("--out", type=Path, default=Path(".zoetrope/decoder_ablation"))
     args = ap.parse_args(argv)
 
     project = args.project.resolve()

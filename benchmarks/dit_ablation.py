@@ -43,14 +43,20 @@ def judge_for(project: Path, cfg: config.Config, cache: Path) -> Judge:
     return judge
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def variant_arguments(ap: argparse.ArgumentParser, prompts: int, out: str) -> None:
+    """The options of an ablation: the project, the variant's tag and `--set` overrides, the
+    profile, the prompts graded per split and the output folder."""
     ap.add_argument("--project", type=Path, default=Path("."))
     ap.add_argument("--tag", required=True, help="name of this variant (its output folder)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--profile", default="tiny")
-    ap.add_argument("--prompts", type=int, default=64, help="prompts per split")
-    ap.add_argument("--out", type=Path, default=Path(".zoetrope/ablation"))
+    ap.add_argument("--prompts", type=int, default=prompts, help="prompts per split")
+    ap.add_argument("--out", type=Path, default=Path(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    variant_arguments(ap, prompts=64, out=".zoetrope/ablation")
     args = ap.parse_args()
 
     project = args.project.resolve()
