@@ -36,27 +36,25 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from dit_ablation import variant_arguments  # noqa: E402
+from dit_ablation import judge_for, variant_arguments  # noqa: E402
+from guidance_sweep import BATCH, generate_videos  # noqa: E402
 
 from components import config, world  # noqa: E402
 from components.clips import load_clips  # noqa: E402
-from components.evaluation import adherence, eval_prompts, judge_training_set  # noqa: E402
+from components.evaluation import adherence, eval_prompts  # noqa: E402
 from components.generate import T2VPipeline  # noqa: E402
-from components.judge import Judge, train_judge  # noqa: E402
 from components.vae import load_vae, run_train_vae, to_uint8, to_unit  # noqa: E402
 
-BATCH = 32
 PROBE_CLIPS = 400
 
 
 def by_size(attrs: list[dict[str, str]], judged: list[str]) -> dict[str, float]:
     """Shape accuracy overall and per object size."""
-    out = {"shape": sum(a["shape"] == p for a, p in zip(attrs, judged)) / max(1, len(attrs))}
-    for size in world.SIZES:
-        hits = [a["shape"] == p for a, p in zip(attrs, judged) if a["size"] == size]
-        out[size] = round(sum(hits) / max(1, len(hits)), 3)
-    out["shape"] = round(out["shape"], 3)
-    return out
+    def share(keep) -> float:
+        hits = [a["shape"] == p for a, p in zip(attrs, judged) if keep(a)]
+        return round(sum(hits) / max(1, len(hits)), 3)
+
+    return {"shape": share(lambda a: True), **{size: share(lambda a, s=size: a["size"] == s) for size in world.SIZES}}
 
 
 @torch.no_grad()
@@ -99,13 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.time() - t0
 
     clips = load_clips(project / "data/clips", cfg.data.size, cfg.data.frames)
-    judge_path = out / "judge.pt"
-    if judge_path.exists():
-        judge = Judge.load(judge_path)
-    else:
-        video, labels = judge_training_set(clips, vae, cfg)
-        judge = train_judge(video, labels, cfg.eval, cfg.seed)
-        judge.save(judge_path)
+    judge = judge_for(project, cfg, out / "judge.pt", vae_path=out / "vae.pt", clips=clips)
 
     row: dict[str, object] = {"tag": args.tag, "overrides": args.overrides,
                               "val_psnr": round(vae_metrics["val_psnr"], 2), "val_ssim": round(vae_metrics["val_ssim"], 3),
@@ -124,12 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = T2VPipeline.from_paths(out / "vae.pt", project / "models/dit/dit.pt",
                                   max_tokens=cfg.text.max_tokens, device="cpu")
     for split, attrs in eval_prompts(cfg, random.Random(cfg.seed + 101)).items():
-        captions = [world.caption(a) for a in attrs]
-        videos = torch.cat([
-            torch.from_numpy(pipe.generate(captions[i:i + BATCH], seed=cfg.seed, steps=cfg.sample.steps,
-                                           guidance=cfg.sample.guidance, sampler=cfg.sample.sampler)).permute(0, 4, 1, 2, 3)
-            for i in range(0, len(captions), BATCH)]).contiguous()
-        pred = judge.predict(videos)
+        pred = judge.predict(generate_videos(pipe, [world.caption(a) for a in attrs], cfg, cfg.sample.guidance))
         row.update({f"{split}_{a}": round(v, 3) for a, v in adherence(pred, attrs).items()})
         row[f"{split}_shape_by_size"] = by_size(attrs, pred["shape"])
         misses = collections.Counter(f"{a['size']} {a['shape']}->{p}" for a, p in zip(attrs, pred["shape"])

@@ -30,13 +30,15 @@ from components.train_dit import run_train_dit
 from components.vae import load_vae
 
 
-def judge_for(project: Path, cfg: config.Config, cache: Path) -> Judge:
+def judge_for(project: Path, cfg: config.Config, cache: Path, vae_path: Path | None = None,
+              clips=None) -> Judge:
     """The evaluation stage's judge, trained on the stage's own selection of clips
-    (`components.evaluation.judge_training_set`)."""
+    (`components.evaluation.judge_training_set`) and the reconstructions of the VAE at `vae_path`
+    (default: the project's); `clips`, the project's when already loaded."""
     if cache.exists():
         return Judge.load(cache)
-    clips = load_clips(project / "data/clips", cfg.data.size, cfg.data.frames)
-    vae = load_vae(project / "models/vae/vae.pt", "cpu")
+    clips = clips or load_clips(project / "data/clips", cfg.data.size, cfg.data.frames)
+    vae = load_vae(vae_path or project / "models/vae/vae.pt", "cpu")
     video, labels = judge_training_set(clips, vae, cfg)
     judge = train_judge(video, labels, cfg.eval, cfg.seed)
     judge.save(cache)

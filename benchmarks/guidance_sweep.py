@@ -35,6 +35,15 @@ from components.generate import T2VPipeline  # noqa: E402
 BATCH = 32
 
 
+def generate_videos(pipe: T2VPipeline, captions: list[str], cfg: config.Config, guidance: float) -> torch.Tensor:
+    """uint8 (N, 3, T, H, W) videos of `captions`, in batches of BATCH from the project's seed: the
+    same noise for every variant graded on the same prompts."""
+    return torch.cat([
+        torch.from_numpy(pipe.generate(captions[i:i + BATCH], seed=cfg.seed, steps=cfg.sample.steps,
+                                       guidance=guidance, sampler=cfg.sample.sampler)).permute(0, 4, 1, 2, 3)
+        for i in range(0, len(captions), BATCH)]).contiguous()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--project", type=Path, default=Path("."))
@@ -54,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for g in (float(x) for x in args.guidance.split(",")):
         row: dict[str, object] = {"guidance": g}
         for split, attrs in prompts.items():
-            captions = [world.caption(a) for a in attrs]
-            videos = torch.cat([
-                torch.from_numpy(pipe.generate(captions[i:i + BATCH], seed=cfg.seed, steps=cfg.sample.steps,
-                                               guidance=g, sampler=cfg.sample.sampler)).permute(0, 4, 1, 2, 3)
-                for i in range(0, len(captions), BATCH)]).contiguous()
-            pred = judge.predict(videos)
+            pred = judge.predict(generate_videos(pipe, [world.caption(a) for a in attrs], cfg, g))
             row.update({f"{split}_{a}": round(v, 3) for a, v in adherence(pred, attrs).items()})
             shapes = collections.Counter(f"{a['shape']}->{p}" for a, p in zip(attrs, pred["shape"]))
             row[f"{split}_shape_confusion"] = dict(sorted(shapes.items()))
