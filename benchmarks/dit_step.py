@@ -35,10 +35,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from components import config as C  # noqa: E402
+from components.captioner import FEATURE_PARTS  # noqa: E402
 from components.dit import DiT, DiTSpec  # noqa: E402
 from components.flops import matmul_peak  # noqa: E402
 from components.rectified_flow import rf_loss  # noqa: E402
 from components.text_encoder import TEXT_DIM  # noqa: E402
+from components.train_dit import RepaDiT, unwrap  # noqa: E402
 from components.trainer import TrainSpec, fit  # noqa: E402
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (FLOP/s, without sparsity). Checked in
@@ -87,23 +89,35 @@ def dit_step(cfg: C.Config, device: torch.device, steps: int, compile: bool = Fa
     model = DiT(DiTSpec.from_config(dcfg, vcfg.latent_channels)).to(device)
     tokens = model.num_tokens(t, h, w)
 
+    trained: torch.nn.Module = model
+    if dcfg.repa_weight > 0:  # the stage's step aligns block repa_block's tokens with the captioner's features
+        width = cfg.caption.width * FEATURE_PARTS  # video_features: the grid's and the frames' channels
+        targets = torch.randn(B * 4, tokens, width, generator=g).to(device)
+        trained = RepaDiT(model, dcfg.repa_block, width, FEATURE_PARTS).to(device)
+
     def batch_fn(step: int, gen: torch.Generator):
         i = torch.randint(len(latents), (B,), generator=gen).to(device)
-        return latents[i], ctx[i], mask[i], gen
+        if trained is model:
+            return latents[i], ctx[i], mask[i], gen
+        return latents[i], ctx[i], mask[i], gen, targets[i]
 
     def loss_fn(m, b):
-        return rf_loss(m, b[0], b[1], b[2], b[3], ctx[:1], mask[:1], dcfg.cond_dropout)
+        loss, info = rf_loss(m, b[0], b[1], b[2], b[3], ctx[:1], mask[:1], dcfg.cond_dropout)
+        if len(b) == 4:
+            return loss, info
+        return loss + dcfg.repa_weight * unwrap(m).alignment_loss(b[4]), info
 
     windows: list[dict] = []
     spec = TrainSpec(steps=steps, lr=dcfg.lr, warmup=dcfg.warmup, grad_clip=dcfg.grad_clip,
                      ema=dcfg.ema, log_every=WINDOW, ckpt_every=0, compile=compile)
-    res = fit(model, loss_fn, batch_fn, spec, log=lambda s, m: windows.append(m), desc="bench",
+    res = fit(trained, loss_fn, batch_fn, spec, log=lambda s, m: windows.append(m), desc="bench",
               samples_per_batch=B, tokens_per_batch=B * tokens)
     timed = windows[1:] or windows  # the first window holds one-off allocation and warm-up
     rates = sorted(m["flop_per_s"] for m in timed)
     return {
         "preset": dcfg.preset,
         "params": sum(p.numel() for p in model.parameters()),
+        "repa_weight": dcfg.repa_weight,
         "batch_size": B,
         "latent_shape": [vcfg.latent_channels, t, h, w],
         "tokens_per_sample": tokens,
@@ -161,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {out['device']} ({out['threads']} threads), torch {out['torch']}")
     print(f"fp32 2048^3 matmul peak: {out['fp32_matmul_peak'] / 1e9:.1f} GFLOP/s (best of {args.repeats})")
     print(f"DiT {out['preset']} ({out['params'] / 1e6:.2f}M params), batch {out['batch_size']}, latent "
-          f"{out['latent_shape']}, {out['tokens_per_sample']} tokens/sample, {out['caption_tokens']} caption tokens")
+          f"{out['latent_shape']}, {out['tokens_per_sample']} tokens/sample, {out['caption_tokens']} caption tokens"
+          + (f", REPA projector (weight {out['repa_weight']})" if out["repa_weight"] else ""))
     print(f"  FLOPs per training step (FlopCounterMode): {out['flops_per_step'] / 1e9:.2f} GFLOP")
     print(f"  {out['steps_per_s_median']:.2f} steps/s, {out['samples_per_s_median']:.1f} samples/s, "
           f"{out['tokens_per_s_median']:.0f} tokens/s (median of {out['windows']} windows of {WINDOW})")

@@ -241,12 +241,18 @@ class DiTConfig:
     cond_dropout: float = 0.1  # caption dropout that teaches the unconditional branch for CFG
     shift: float = 2.0  # timestep shift at `shift_tokens` latent tokens (schedule.token_shift)
     shift_tokens: int = 80  # the token count `shift` is set for; it grows as sqrt(tokens / this)
+    # REPA (Yu et al. 2024): block `repa_block`'s tokens, through a small projector, are pulled
+    # towards the captioner's video features of the clean clip (cosine), weighted by this; 0 = off.
+    repa_weight: float = 0.0
+    repa_block: int = 2
 
     def validate(self) -> None:
         _check(0.0 <= self.ema < 1.0, "dit.ema", self.ema, "use a decay in [0, 1)")
         _check(self.shift >= 1.0, "dit.shift", self.shift, "use a shift >= 1 (1 = no shift)")
         _check(self.shift_tokens >= 1, "dit.shift_tokens", self.shift_tokens, "use a positive token count")
         _check(0.0 <= self.cond_dropout < 1.0, "dit.cond_dropout", self.cond_dropout, "use [0, 1)")
+        _check(self.repa_weight >= 0.0, "dit.repa_weight", self.repa_weight, "use a weight >= 0 (0 = off)")
+        _check(self.repa_block >= 1, "dit.repa_block", self.repa_block, "use a block number from 1")
 
 
 @dataclass(frozen=True)

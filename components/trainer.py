@@ -331,7 +331,8 @@ def fit(
             if logged:
                 elapsed = max(1e-9, time.time() - t_window)
                 steps_per_s = n_window / elapsed
-                metrics = {"loss": loss_value, "lr": lr, **metrics, "steps_per_s": steps_per_s}
+                metrics = {"loss": loss_value, "lr": lr, **{k: float(v) for k, v in metrics.items()},
+                           "steps_per_s": steps_per_s}
                 if samples_per_batch:
                     metrics["samples_per_s"] = samples_per_batch * steps_per_s
                 if tokens_per_batch:

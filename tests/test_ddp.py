@@ -107,6 +107,7 @@ def _fake_encoded(folder: Path, n: int = 24) -> None:
         "caption_index": torch.randint(0, 3, (n,), generator=g),
         "split": ["val" if i % 6 == 0 else "train" for i in range(n)],
     }, folder / "latents.pt")
+    torch.save(torch.randn(n, 16, 5, 4, 4, generator=g).half(), folder / "features.pt")  # REPA targets
     mask = torch.zeros(3, 32, dtype=torch.bool)
     mask[0, :2], mask[1, :5], mask[2, :7] = True, True, True
     torch.save({"captions": ["", "a red circle", "a blue square moving left"],
