@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components import world
-from components.checkpoint import atomic_write_text, load_model, save_model
+from components.checkpoint import atomic_torch_save, atomic_write_text, load_model, save_model
 from components.clips import Clips, load_clips, square_shard
 from components.config import CaptionConfig, Config
 from components.trainer import LogFn, TrainSpec, data_digest, fit
@@ -219,13 +219,16 @@ class Captioner(nn.Module):
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 
-    def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, video: torch.Tensor, frames: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """float (B, 3, T, H, W) -> the decoder's memory (B, N + 1 + M + C, D): the spacetime
         grid's N tokens, the pooled appearance token, then with `object_tokens` M per-frame H/4
         tokens and one object token per palette colour (C); and the colours' presence logits per
-        frame (B, C, t), None without object tokens."""
+        frame (B, C, t), None without object tokens. `frames`: the encoder's frame features of
+        `video`, when already computed."""
         enc = self.encoder
-        frames = enc.frame_features(video)  # (B, w, t, H/4, W/4)
+        if frames is None:
+            frames = enc.frame_features(video)  # (B, w, t, H/4, W/4)
         grid = enc.spacetime(frames).flatten(2).transpose(1, 2)  # (B, N, w)
         pooled = enc.appearance(frames.amax((2, 3, 4))).unsqueeze(1)  # (B, 1, w)
         coarse = enc.norm(torch.cat([grid, pooled], 1) + enc.pos)  # as VideoEncoder.forward
@@ -299,8 +302,10 @@ class Captioner(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, video: torch.Tensor, batch_size: int = 256) -> list[str]:
-        """Greedy captions for uint8 (B, 3, T, H, W) clips.
+    def generate(self, video: torch.Tensor, batch_size: int = 256, features: bool = False
+                 ) -> list[str] | tuple[list[str], torch.Tensor]:
+        """Greedy captions for uint8 (B, 3, T, H, W) clips; with `features` also the clips'
+        `video_features`, from the same encoder pass.
 
         Incremental decoding: each step runs the decoder on the newest word only, against each
         layer's cached keys and values of the words before it and of the memory (computed once),
@@ -311,9 +316,13 @@ class Captioner(nn.Module):
         self.eval()
         device = next(self.parameters()).device
         out: list[str] = []
+        feats: list[torch.Tensor] = []
         for start in range(0, len(video), batch_size):
             x = to_float(video[start : start + batch_size].to(device))
-            memory, _ = self.encode(x)  # (B, N + 1 + M + C, D)
+            frames = self.encoder.frame_features(x)
+            memory, _ = self.encode(x, frames)  # (B, N + 1 + M + C, D)
+            if features:
+                feats.append(_features(frames, memory))
             cache = _DecoderCache(self.decoder, memory)
             tokens = torch.full((len(x), 1), self.index[BOS], dtype=torch.long, device=device)
             for step in range(1, self.max_len):
@@ -326,7 +335,7 @@ class Captioner(nn.Module):
                     break
             out.extend(self.detokenize(tokens[:, 1:]))
         self.train(was_training)
-        return out
+        return (out, torch.cat(feats)) if features else out
 
     def detokenize(self, tokens: torch.Tensor) -> list[str]:
         """Generated word ids (B, L), without BOS -> the text of each row up to its first EOS."""
@@ -386,29 +395,35 @@ class _DecoderCache:
 FEATURE_PARTS = 2  # video_features: the spacetime grid's, then the frames'
 
 
+def _features(frames: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """`video_features` from one encoder pass: frame features (B, w, t, H/4, W/4) and the memory
+    whose first N tokens are the spacetime grid -> float32 (B, 2w, t, H/8, W/8) on the CPU."""
+    what = F.avg_pool3d(frames, (1, 2, 2))  # (B, w, t, H/8, W/8): the spacetime grid's cells
+    B, w, t, h, wd = what.shape
+    grid = memory[:, : t * h * wd]  # (B, N, w), in (t, h, w) order
+    what = F.layer_norm(what.flatten(2).transpose(1, 2), (w,))  # (B, N, w)
+    both = torch.cat([grid, what], -1)  # (B, N, 2w)
+    return both.transpose(1, 2).reshape(B, 2 * w, t, h, wd).float().cpu()
+
+
 @torch.no_grad()
 def video_features(model: Captioner, video: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """uint8 square views (N, 3, T, H, W) -> float (N, 2D, t, H/8, W/8), at t = k the features
     of frame 4k: the spacetime grid the decoder reads (LayerNormed as it reads it: where and how
     the object moves), then the frame features 2 x 2 average-pooled to that grid and LayerNormed
     (what the object is: a linear probe reads circle against square from their maximum over
-    the grid on 0.97 of clips, from the spacetime grid's on 0.56). The train_dit stage aligns the
-    DiT's tokens with both (REPA, `dit.repa_weight`)."""
+    the grid on 0.97 of clips, from the spacetime grid's on 0.56). The caption stage writes them
+    (`Captioner.generate(..., features=True)`, the same pass that captions) and the train_dit
+    stage aligns the DiT's tokens with them (REPA, `dit.repa_weight`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    enc = model.encoder
     out = []
     for start in range(0, len(video), batch_size):
         x = to_float(video[start : start + batch_size].to(device))
-        frames = enc.frame_features(x)  # (B, w, t, H/4, W/4)
-        grid = enc.spacetime(frames)  # (B, w, t, H/8, W/8)
-        pooled = enc.appearance(frames.amax((2, 3, 4))).unsqueeze(1)
-        tokens = enc.norm(torch.cat([grid.flatten(2).transpose(1, 2), pooled], 1) + enc.pos)[:, :-1]
-        what = F.avg_pool3d(frames, (1, 2, 2)).flatten(2).transpose(1, 2)  # (B, N, w)
-        what = F.layer_norm(what, what.shape[-1:])
-        both = torch.cat([tokens, what], -1)  # (B, N, 2w)
-        out.append(both.transpose(1, 2).reshape(len(x), -1, *grid.shape[2:]).float().cpu())
+        frames = model.encoder.frame_features(x)
+        memory, _ = model.encode(x, frames)
+        out.append(_features(frames, memory))
     model.train(was_training)
     return torch.cat(out)
 
@@ -619,7 +634,8 @@ def caption_shard(model_path: Path, clips_dir: Path, shard: str, device: str = "
     """
     model = load_captioner(model_path, device)
     data = torch.load(Path(clips_dir) / shard, map_location="cpu", weights_only=True)
-    return {"clip_id": list(data["clip_id"]), "caption": model.generate(square_shard(data["video"], size, frames))}
+    captions, features = model.generate(square_shard(data["video"], size, frames), features=True)
+    return {"clip_id": list(data["clip_id"]), "caption": captions, "features": features.to(torch.float16)}
 
 
 def run_caption_stage(
@@ -652,6 +668,11 @@ def run_caption_stage(
     parts = map_shards(caption_shard, calls) if map_shards else [caption_shard(**kw) for kw in calls]
     by_id = {cid: text for part in parts for cid, text in zip(part["clip_id"], part["caption"], strict=True)}
     generated = [by_id[cid] for cid in clips.clip_ids]
+    position = {cid: i for i, cid in enumerate(clips.clip_ids)}
+    features = torch.empty((len(clips), *parts[0]["features"].shape[1:]), dtype=torch.float16)
+    for part in parts:
+        features[[position[cid] for cid in part["clip_id"]]] = part["features"]
+    atomic_torch_save(features, Path(captions_dir) / "features.pt")  # REPA's targets (encode passes them on)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["clip_id", "caption", "source"])

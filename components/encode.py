@@ -4,9 +4,10 @@ Writes `latents.pt` (posterior means, normalised with the VAE's measured per-cha
 (N, c, t, h, w) tensor when every clip has one shape, else, with native sizes, the list of the N
 clips' (c, t, h, w) latents in manifest order, which train_dit groups by shape) and
 `text.pt` (unique captions, index 0 the empty caption used for classifier-free guidance), as
-docs/architecture.md specifies, and with a captioner `features.pt`: its video features of every
-clip (`components.captioner.video_features`, float16 (N, F, t, h, w) in manifest order), the
-targets the DiT's tokens are aligned with when `dit.repa_weight` > 0.
+docs/architecture.md specifies, and `features.pt` when the caption stage wrote it beside the
+captions: the captioner's video features of every clip (`components.captioner.video_features`,
+float16 (N, F, t, h, w) in manifest order), the targets the DiT's tokens are aligned with when
+`dit.repa_weight` > 0, copied so that train_dit reads `data/encoded` alone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from components.checkpoint import atomic_torch_save
+from components.checkpoint import atomic_torch_save, copy_file
 from components.config import Config
 from components.text_encoder import TextEncoder
 from components.trainer import LogFn
@@ -49,8 +50,7 @@ def encode_latents(vae, video: torch.Tensor, device: torch.device | str,
 
 
 def run_encode(clips_dir: Path, captions_dir: Path, vae_path: Path, out_dir: Path, cfg: Config,
-               log: LogFn | None = None, device: torch.device | str = "cpu",
-               captioner_path: Path | None = None) -> dict:
+               log: LogFn | None = None, device: torch.device | str = "cpu") -> dict:
     from components.clips import load_clips  # the prepare stage's reader
 
     t0 = time.time()
@@ -72,15 +72,9 @@ def run_encode(clips_dir: Path, captions_dir: Path, vae_path: Path, out_dir: Pat
             for i, z in zip(ids, encode_latents(vae, video, device)):
                 latents[i] = z
         flat = torch.cat([z.flatten() for z in latents])
-    features_seconds = 0.0
-    if captioner_path is not None:
-        from components.captioner import load_captioner, video_features
-
-        t1 = time.time()
-        captioner = load_captioner(captioner_path, device)
-        features = video_features(captioner, clips.video)  # the square view the captioner reads
-        atomic_torch_save(features.to(torch.float16), Path(out_dir) / "features.pt")
-        features_seconds = time.time() - t1
+    features = Path(captions_dir) / "features.pt"
+    if features.exists():
+        copy_file(features, Path(out_dir) / "features.pt")
     encoder = TextEncoder(cfg.text.max_tokens, device)
     tokens, mask = encoder.encode(unique)  # (U, L, 384), (U, L)
 
@@ -103,7 +97,7 @@ def run_encode(clips_dir: Path, captions_dir: Path, vae_path: Path, out_dir: Pat
         "latent_shapes": len(groups),
         "latent_mean_abs": float(flat.mean().abs()),
         "latent_std": float(flat.std()),
-        "features_seconds": features_seconds,
+        "captioner_features": int(features.exists()),
         "seconds": time.time() - t0,
     }
     if log is not None:

@@ -44,7 +44,8 @@ def load_features(encoded_dir: Path) -> torch.Tensor:
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: dit.repa_weight > 0 aligns the DiT with the captioner's video features, "
-            "which the encode stage writes when it is given the captioner (rerun it), or set dit.repa_weight: 0")
+            "which the caption stage writes beside the captions and the encode stage copies here (rerun "
+            "them), or set dit.repa_weight: 0")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -115,7 +115,6 @@ def encode(project: Project, cfg: Config, log) -> dict:
     return run_encode(
         project.path("data/clips"), project.path("data/captions"), project.path("models/vae/vae.pt"),
         _fresh(project.path("data/encoded")), cfg, log=log, device=distributed.device(),
-        captioner_path=project.path("models/captioner/captioner.pt"),
     )
 
 

@@ -234,6 +234,14 @@ def test_caption_stage_captions_every_clip(tmp_path):
         assert 0.0 <= metrics[key] <= 1.0, key
     model = load_captioner(tmp_path / "model" / "captioner.pt")
     assert len(model.generate(torch.zeros(2, 3, 9, 16, 16, dtype=torch.uint8))) == 2
+    # REPA's targets, from the pass that captioned, in manifest order (components/train_dit.py)
+    from components.captioner import video_features
+    from components.clips import load_clips
+
+    features = torch.load(tmp_path / "captions" / "features.pt", weights_only=True)
+    clips = load_clips(tmp_path / "clips", DATA.size, DATA.frames)
+    assert features.dtype == torch.float16 and len(features) == len(manifest)
+    assert torch.allclose(features.float(), video_features(model, clips.video), atol=1e-2)
 
 
 def test_evaluate_scores_the_first_object_and_reports_the_second():

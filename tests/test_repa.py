@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from components.captioner import FEATURE_PARTS, Captioner, video_features
+from components.captioner import FEATURE_PARTS, Captioner, build_vocab, video_features
 from components.config import Config, DiTConfig
 from components.dit import DiT, DiTSpec, load_dit
 from components.train_dit import RepaDiT, run_train_dit, token_targets
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def test_video_features_are_the_captioners_grid_and_frame_features():
     torch.manual_seed(0)
-    model = Captioner(["a", "red", "circle"], width=16, layers=1, max_words=8, frames=9, size=16)
+    model = Captioner(build_vocab(["a red circle"]), width=16, layers=1, max_words=8, frames=9, size=16)
     video = torch.randint(0, 256, (3, 3, 9, 16, 16), dtype=torch.uint8)
     feats = video_features(model, video, batch_size=2)
     assert feats.shape == (3, 2 * 16, 3, 2, 2)  # frames 0, 4, 8 at H/8 x W/8; FEATURE_PARTS = 2
@@ -31,6 +31,15 @@ def test_video_features_are_the_captioners_grid_and_frame_features():
     cell = frames[:, :, 1, 2:4, 0:2].mean((2, 3))  # frame 4, the H/8 cell at row 1, column 0
     expected = torch.nn.functional.layer_norm(cell, (16,))
     assert torch.allclose(feats[:, 16:, 1, 1, 0], expected, atol=1e-5)
+
+
+def test_captioning_returns_the_features_of_the_same_pass():
+    torch.manual_seed(0)
+    model = Captioner(build_vocab(["a red circle"]), width=16, layers=1, max_words=8, frames=9, size=16)
+    video = torch.randint(0, 256, (5, 3, 9, 16, 16), dtype=torch.uint8)
+    captions, feats = model.generate(video, batch_size=2, features=True)
+    assert captions == model.generate(video, batch_size=3)
+    assert torch.allclose(feats, video_features(model, video, batch_size=4), atol=1e-6)
 
 
 def test_token_targets_follow_the_token_grid():

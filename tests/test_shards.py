@@ -98,7 +98,8 @@ def test_caption_on_dask_writes_the_same_captions_as_the_plain_loop(raw, tmp_pat
         caps.mkdir(parents=True)
         model.mkdir(parents=True)
         metrics = run_caption_stage(clips, caps, model, cfg, map_shards=map_shards)
-        outs[name] = ((caps / "captions.csv").read_bytes(), {k: v for k, v in metrics.items() if "seconds" not in k})
+        outs[name] = ((caps / "captions.csv").read_bytes(), {k: v for k, v in metrics.items() if "seconds" not in k},
+                      (caps / "features.pt").read_bytes())
     assert outs["dask"] == outs["serial"]
     lines = outs["dask"][0].decode().splitlines()
     assert lines[0] == "clip_id,caption,source" and len(lines) == 1 + 49
