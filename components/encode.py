@@ -54,7 +54,7 @@ def run_encode(clips_dir: Path, captions_dir: Path, vae_path: Path, out_dir: Pat
     from components.clips import load_clips  # the prepare stage's reader
 
     t0 = time.time()
-    clips = load_clips(Path(clips_dir), cfg.data.size, cfg.data.frames)
+    clips = load_clips(Path(clips_dir), cfg.data.size)
     captions = read_captions(Path(captions_dir))
     clip_ids = [r["clip_id"] for r in clips.rows]
     texts = [captions.get(c, "") for c in clip_ids]

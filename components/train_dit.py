@@ -153,7 +153,8 @@ def run_train_dit(encoded_dir: Path, model_dir: Path, cfg: Config, log: LogFn | 
     null_ctx, null_mask = tokens[:1], masks[:1]
 
     # Native sizes: one batch stacks clips of one shape; a bucket's chance is its share of clips.
-    buckets = [(x.to(device), cap_idx[ids].to(device)) for x, ids in split_buckets(lat["latents"], train_idx)]
+    by_shape = split_buckets(lat["latents"], train_idx)
+    buckets = [(x.to(device), cap_idx[ids].to(device)) for x, ids in by_shape]
     sampler = BucketSampler([len(x) for x, _ in buckets])
     latent_shape = list(buckets[0][0].shape[1:])  # (c, t, h, w) of the largest bucket
 
@@ -172,10 +173,9 @@ def run_train_dit(encoded_dir: Path, model_dir: Path, cfg: Config, log: LogFn | 
         if len(features) != len(splits):
             raise ValueError(f"{len(features)} clips' features for {len(splits)} latents: recompute them "
                              "from the same clips")
-        bucket_ids = [ids for _, ids in split_buckets(lat["latents"], train_idx)]
-        targets = [token_targets(features[ids], tuple(x.shape[1:]), model).to(device)
-                   for (x, _), ids in zip(buckets, bucket_ids)]
+        targets = [token_targets(features[ids], tuple(x.shape[1:]), model).to(device) for x, ids in by_shape]
         trained = RepaDiT(model, dcfg.repa_block, features.shape[1], FEATURE_PARTS).to(device)
+    del by_shape  # on a GPU, the host copies of the buckets
 
     def batch_fn(step: int, gen: torch.Generator):
         b, i = sampler.draw(dcfg.batch_size, gen)
