@@ -484,6 +484,125 @@ def augment(model: Captioner, video: torch.Tensor, tokens: torch.Tensor, gen: to
     return video.unflatten(1, (3, t)), tokens
 
 
+PASTE_TRIES = 8  # draws of a donor, and of a place for its object, before a clip stays as it is
+PASTE_ALPHA_MIN = 0.15  # a donor pixel's coverage below this is compression noise, not the object
+NEAR_COLOUR = 80.0  # RGB distance within which a recipient's pixel counts as its object
+PASTE_OVERLAP = 0.1  # the most of the recipient's object (and margin) a pasted one may cover in a frame
+
+
+class ObjectPaster:
+    """Two-object training clips made from labelled one-object ones: copy-paste augmentation
+    (Ghiasi et al. 2021, "Simple Copy-Paste is a Strong Data Augmentation Method").
+
+    A donor is a labelled one-object clip on a black background, where each pixel is the object's
+    colour times its coverage, so `pixel . colour / |colour|^2` recovers the coverage (alpha) and
+    the pixels are already premultiplied by it. Its object, moved by a whole-clip offset that keeps
+    it in the frame and touches the recipient's object least (the pixels near the recipient's
+    colour, one pixel of margin, frame by frame; the best of a few draws, as the synthetic world
+    places its second objects), is laid over a labelled one-object clip of another colour:
+    `recipient x (1 - alpha) + donor`. The caption names both objects, the palette's earlier
+    colour first, on the recipient's background: `world.caption`'s rule for the synthetic world's
+    own two-object clips. Few of those are labelled (about 80 of 800 at
+    `data.two_object_fraction` 0.1); pasting gives the object tokens and slots as many as asked.
+    """
+
+    def __init__(self, video: torch.Tensor, captions: list[str]):
+        self.video = video
+        self.objects: list[dict | None] = []
+        for text in captions:
+            objs = world.parse_objects(text)
+            obj = objs[0]
+            named = all(obj[a] is not None for a in ("color", "shape", "motion", "size", "background"))
+            whole = len(objs) == 1 and named and (obj["motion"] == "still" or obj["speed"] is not None)
+            self.objects.append(obj if whole else None)
+        self.donors = [i for i, o in enumerate(self.objects) if o is not None and o["background"] == "black"]
+        self.colours = {c: torch.tensor(rgb, dtype=torch.float32) for c, rgb in world.COLORS.items()}
+        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # computed once per donor
+        self._taken: dict[int, torch.Tensor] = {}  # and per recipient
+
+    def __bool__(self) -> bool:
+        """Whether any clip can be given a second object: a donor of another colour than its own."""
+        donors = {self.objects[i]["color"] for i in self.donors}
+        return len(donors) > 1 or any(o is not None and o["color"] not in donors for o in self.objects)
+
+    def _layer(self, donor: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> the donor's alpha (T, H, W) and premultiplied pixels (3, T, H, W), zero off the object."""
+        if donor in self._layers:
+            return self._layers[donor]
+        clip = self.video[donor].float()
+        colour = self.colours[self.objects[donor]["color"]]
+        alpha = torch.einsum("cthw,c->thw", clip, colour) / colour.square().sum()
+        keep = alpha > PASTE_ALPHA_MIN
+        self._layers[donor] = alpha.clamp(0, 1) * keep, clip * keep
+        return self._layers[donor]
+
+    def _taken_by(self, clip: int) -> torch.Tensor:
+        """-> where a one-object clip's object is, one pixel of margin around it (T, H, W) bool."""
+        if clip not in self._taken:
+            colour = self.colours[self.objects[clip]["color"]].view(3, 1, 1, 1)
+            near = (self.video[clip].float() - colour).norm(dim=0) < NEAR_COLOUR  # (T, H, W)
+            self._taken[clip] = F.max_pool2d(near[:, None].float(), 3, 1, 1)[:, 0] > 0
+        return self._taken[clip]
+
+    def _offset(self, support: torch.Tensor, taken: torch.Tensor, gen: torch.Generator
+                ) -> tuple[int, int] | None:
+        """A (dy, dx) that keeps `support` (T, H, W) inside the frame and, frame by frame, off
+        `taken` (T, H, W): the best of PASTE_TRIES draws, as the synthetic world places its second
+        objects, or None when even that one covers more than PASTE_OVERLAP of the taken pixels."""
+        h, w = support.shape[1:]
+        seen = support.any(0)
+        rows, cols = seen.any(1).nonzero().flatten(), seen.any(0).nonzero().flatten()
+        if not len(rows):
+            return None
+        lo_y, hi_y = -int(rows[0]), h - 1 - int(rows[-1])
+        lo_x, hi_x = -int(cols[0]), w - 1 - int(cols[-1])
+        best, least = None, None
+        for _ in range(PASTE_TRIES):
+            dy = int(torch.randint(lo_y, hi_y + 1, (1,), generator=gen))
+            dx = int(torch.randint(lo_x, hi_x + 1, (1,), generator=gen))
+            overlap = int((support.roll((dy, dx), (1, 2)) & taken).flatten(1).sum(1).max())
+            if least is None or overlap < least:
+                best, least = (dy, dx), overlap
+            if overlap == 0:
+                break
+        area = int(taken.flatten(1).sum(1).clamp(min=1).min())
+        return best if least <= PASTE_OVERLAP * area else None
+
+    def __call__(self, idx: torch.Tensor, clips: torch.Tensor, fraction: float, gen: torch.Generator
+                 ) -> tuple[torch.Tensor, dict[int, str]]:
+        """Batch rows `idx` (B,) of the training clips, their uint8 `clips` (B, 3, T, H, W) ->
+        the clips with a `fraction` of the one-object rows given a second object, and
+        {row: caption} for the rows changed (none without donors of two colours)."""
+        clips, captions = clips.clone(), {}
+        if not self:
+            return clips, captions
+        chosen = (torch.rand(len(idx), generator=gen) < fraction).tolist()
+        for b, (i, go) in enumerate(zip(idx.tolist(), chosen)):
+            base = self.objects[i]
+            if not go or base is None:
+                continue
+            taken = self._taken_by(i)
+            for _ in range(PASTE_TRIES):
+                donor = self.donors[int(torch.randint(len(self.donors), (1,), generator=gen))]
+                if self.objects[donor]["color"] != base["color"]:
+                    break
+            else:
+                continue
+            alpha, layer = self._layer(donor)
+            offset = self._offset(alpha > 0, taken, gen)
+            if offset is None:
+                continue
+            alpha, layer = alpha.roll(offset, (1, 2)), layer.roll(offset, (2, 3))
+            clips[b] = (clips[b].float() * (1 - alpha) + layer).round().clamp(0, 255).to(torch.uint8)
+            order = list(world.COLORS)
+            first, second = sorted([base, self.objects[donor]], key=lambda o: order.index(o["color"]))
+            attrs = {"background": base["background"],  # a still object's speed is never written
+                     **{a: first[a] or "slow" for a in world.OBJECT_ATTRIBUTES},
+                     **{a + world.SECOND_SUFFIX: second[a] or "slow" for a in world.OBJECT_ATTRIBUTES}}
+            captions[b] = world.caption(attrs)
+        return clips, captions
+
+
 def caption_loss(model: Captioner, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]
                  ) -> tuple[torch.Tensor, dict]:
     video, tokens, drop, attrs = batch
@@ -539,13 +658,21 @@ def train_captioner(
                          f"{len(captions)} captions: raise data.caption_fraction or data.num_videos")
     torch.manual_seed(seed)
     _, _, frames, size, _ = video.shape
-    model = Captioner(build_vocab(captions), cfg.width, cfg.layers, cfg.max_words, frames, size,
+    paster = ObjectPaster(video, captions) if cfg.paste_fraction > 0 else None
+    vocab = build_vocab([*captions, "and"] if paster else captions)  # a pasted caption joins two objects
+    model = Captioner(vocab, cfg.width, cfg.layers, cfg.max_words, frames, size,
                       cfg.object_tokens, cfg.object_slots).to(device)
     tokens = model.tokenize(captions)
 
     def batch_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = torch.randint(len(video), (cfg.batch_size,), generator=gen)
-        clips, words = augment(model, video[idx], tokens[idx], gen)
+        clips, words = video[idx], tokens[idx]
+        if paster:
+            clips, pasted = paster(idx, clips, cfg.paste_fraction, gen)
+            if pasted:
+                words = words.clone()
+                words[list(pasted)] = model.tokenize(list(pasted.values()))
+        clips, words = augment(model, clips, words, gen)
         drop = (torch.rand(words.shape, generator=gen) < WORD_DROPOUT) & (words > model.index[UNK])
         attrs = {a: t.to(device) for a, t in model.attribute_targets(words).items()}
         return to_float(clips).to(device), words.to(device), drop.to(device), attrs
@@ -555,7 +682,8 @@ def train_captioner(
     spec = TrainSpec(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, weight_decay=0.01,
                      grad_clip=1.0, seed=seed)
     fit(model, caption_loss, batch_fn, spec, ckpt_dir=ckpt_dir, desc="captioner", log=log,
-        fingerprint_extra={"model": model.config, "arch": 2, "data": digest, "n": len(captions)},
+        fingerprint_extra={"model": model.config, "arch": 2, "data": digest, "n": len(captions),
+                           "paste": cfg.paste_fraction},
         samples_per_batch=cfg.batch_size)
     return model.eval()
 

@@ -164,11 +164,17 @@ class CaptionConfig:
     # With object_tokens: each word's input carries the object token of the colour named last
     # (Captioner.slots), so the words after a colour describe that colour's object.
     object_slots: bool = False
+    # Share of each training batch's one-object clips given a second object pasted from a
+    # labelled black-background clip (`captioner.ObjectPaster`): two-object examples for the
+    # object tokens to learn from beyond the few labelled two-object clips. 0 turns it off.
+    paste_fraction: float = 0.0
 
     def validate(self) -> None:
         _check(self.steps > 0, "caption.steps", self.steps, "use a positive number of steps")
         _check(self.object_tokens or not self.object_slots, "caption.object_slots", self.object_slots,
                "set caption.object_tokens=true too (the slots are its object tokens)")
+        _check(0.0 <= self.paste_fraction <= 1.0, "caption.paste_fraction", self.paste_fraction,
+               "use a share between 0 and 1")
 
 
 @dataclass(frozen=True)

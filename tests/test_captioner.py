@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from components import world
-from components.captioner import (Captioner, ObjectReader, _DecoderCache, build_vocab, caption_loss, corpus_bleu,
+from components.captioner import (Captioner, ObjectPaster, ObjectReader, _DecoderCache, build_vocab, caption_loss, corpus_bleu,
                                   load_captioner, present_colors, run_caption_stage, to_float, train_captioner)
 from components.config import CaptionConfig, Config, ConfigError, DataConfig
 from components.prepare import prepare
@@ -207,6 +207,53 @@ def test_slots_need_object_tokens():
                   object_slots=True)
     with pytest.raises(ConfigError, match="caption.object_tokens=true"):
         CaptionConfig(object_slots=True).validate()
+
+
+def _still_block(background: int, colour: str, top: int, left: int, side: int = 4) -> torch.Tensor:
+    """uint8 (3, 5, 16, 16): a still `side`-pixel block of a palette colour on a flat background."""
+    clip = torch.full((3, 5, 16, 16), background, dtype=torch.uint8)
+    clip[:, :, top : top + side, left : left + side] = torch.tensor(world.COLORS[colour]).view(3, 1, 1, 1)
+    return clip
+
+
+def test_pasting_lays_a_second_object_beside_the_first_and_names_both_in_palette_order():
+    donor, recipient = _still_block(0, "red", 2, 2), _still_block(128, "blue", 10, 10)
+    captions = [world.caption({"size": "small", "color": "red", "shape": "square", "motion": "still",
+                               "speed": "", "background": "black"}),
+                world.caption({"size": "large", "color": "blue", "shape": "circle", "motion": "still",
+                               "speed": "", "background": "grey"})]
+    paster = ObjectPaster(torch.stack([donor, recipient]), captions)
+    assert paster.donors == [0]  # only the black-background clip gives objects
+    gen = torch.Generator().manual_seed(0)
+    out, pasted = paster(torch.tensor([1, 0]), torch.stack([recipient, donor]), 1.0, gen)
+    # The red clip gets nothing: the only donor has its own colour.
+    assert list(pasted) == [0] and torch.equal(out[1], donor)
+    assert pasted[0] == ("a small red square staying still and a large blue circle staying still "
+                         "on a grey background")
+    red = (out[0].float() - torch.tensor(world.COLORS["red"]).view(3, 1, 1, 1)).norm(dim=0) < 1  # (T, H, W)
+    assert int(red[0].sum()) == 16 and torch.equal(red, red[:1].expand_as(red))  # the whole block, every frame
+    torch.testing.assert_close(out[0][:, :, 10:14, 10:14], recipient[:, :, 10:14, 10:14])  # the blue one intact
+    ys, xs = red[0].nonzero().unbind(1)
+    assert ys.max() < 9 or xs.max() < 9  # a pixel of margin from the blue block
+    assert (out[0][:, ~red][:, :] == 128).sum() > 0  # the grey background stays where nothing was pasted
+    # A fraction of 0 changes nothing.
+    same, none = paster(torch.tensor([1]), recipient[None], 0.0, gen)
+    assert none == {} and torch.equal(same[0], recipient)
+
+
+def test_pasting_adds_the_joining_word_to_a_one_object_vocabulary():
+    clips = torch.stack([_still_block(0, "red", 2, 2), _still_block(128, "blue", 10, 10),
+                         _still_block(0, "green", 8, 2)])
+    captions = [world.caption({"size": "small", "color": c, "shape": "square", "motion": "still",
+                               "speed": "", "background": b})
+                for c, b in (("red", "black"), ("blue", "grey"), ("green", "black"))]
+    assert not ObjectPaster(clips[:1], captions[:1])  # one red clip: nothing of another colour to pair
+    assert ObjectPaster(clips, captions)
+    cfg = dataclasses.replace(CAPTION, paste_fraction=0.5, object_tokens=True)
+    model = train_captioner(clips, captions, cfg, seed=0)
+    assert "and" in model.vocab
+    with pytest.raises(ConfigError, match="caption.paste_fraction"):
+        CaptionConfig(paste_fraction=1.5).validate()
 
 
 def test_tokenize_rejects_long_captions():
