@@ -488,6 +488,7 @@ PASTE_TRIES = 8  # draws of a donor, and of a place for its object, before a cli
 PASTE_ALPHA_MIN = 0.15  # a donor pixel's coverage below this is compression noise, not the object
 NEAR_COLOUR = 80.0  # RGB distance within which a recipient's pixel counts as its object
 PASTE_OVERLAP = 0.1  # the most of the recipient's object (and margin) a pasted one may cover in a frame
+COLOUR_ORDER = {c: i for i, c in enumerate(world.COLORS)}  # the caption names the earlier colour first
 
 
 class ObjectPaster:
@@ -519,11 +520,13 @@ class ObjectPaster:
         self.colours = {c: torch.tensor(rgb, dtype=torch.float32) for c, rgb in world.COLORS.items()}
         self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # computed once per donor
         self._taken: dict[int, torch.Tensor] = {}  # and per recipient
+        # Whether any clip can be given a second object: a donor of another colour than its own.
+        donor_colours = {self.objects[i]["color"] for i in self.donors}
+        self._can_paste = len(donor_colours) > 1 or any(
+            o is not None and o["color"] not in donor_colours for o in self.objects)
 
     def __bool__(self) -> bool:
-        """Whether any clip can be given a second object: a donor of another colour than its own."""
-        donors = {self.objects[i]["color"] for i in self.donors}
-        return len(donors) > 1 or any(o is not None and o["color"] not in donors for o in self.objects)
+        return self._can_paste
 
     def _layer(self, donor: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> the donor's alpha (T, H, W) and premultiplied pixels (3, T, H, W), zero off the object."""
@@ -594,8 +597,7 @@ class ObjectPaster:
                 continue
             alpha, layer = alpha.roll(offset, (1, 2)), layer.roll(offset, (2, 3))
             clips[b] = (clips[b].float() * (1 - alpha) + layer).round().clamp(0, 255).to(torch.uint8)
-            order = list(world.COLORS)
-            first, second = sorted([base, self.objects[donor]], key=lambda o: order.index(o["color"]))
+            first, second = sorted([base, self.objects[donor]], key=lambda o: COLOUR_ORDER[o["color"]])
             attrs = {"background": base["background"],  # a still object's speed is never written
                      **{a: first[a] or "slow" for a in world.OBJECT_ATTRIBUTES},
                      **{a + world.SECOND_SUFFIX: second[a] or "slow" for a in world.OBJECT_ATTRIBUTES}}

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from components import world
-from components.captioner import (Captioner, ObjectPaster, ObjectReader, _DecoderCache, build_vocab, caption_loss, corpus_bleu,
-                                  load_captioner, present_colors, run_caption_stage, to_float, train_captioner)
+from components.captioner import (Captioner, ObjectPaster, ObjectReader, _DecoderCache, build_vocab, caption_loss,
+                                  corpus_bleu, load_captioner, present_colors, run_caption_stage, to_float,
+                                  train_captioner)
 from components.config import CaptionConfig, Config, ConfigError, DataConfig
 from components.prepare import prepare
 from components.synth import generate
